@@ -1,0 +1,57 @@
+"""Colour images of labels and depth for TensorBoard, predict.py and evaluate.py."""
+import numpy as np
+import torch
+from torch import Tensor
+
+from data.synthetic import VOC_PALETTE
+from data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+PALETTE = torch.tensor(VOC_PALETTE, dtype=torch.uint8).view(-1, 3)  # (256, 3), 255 = boundary colour
+IMAGES_LOGGED = 4  # samples of the first validation batch shown in TensorBoard
+
+
+def colorize_label(label: Tensor) -> Tensor:
+    """(H, W) class ids -> (3, H, W) uint8 in the VOC palette."""
+    return PALETTE[label.long().clamp(0, 255).cpu()].permute(2, 0, 1)
+
+
+def colorize_depth(depth: Tensor) -> Tensor:
+    """(1, H, W) inverse depth (near = high) -> (3, H, W) uint8; NaN (invalid) is black."""
+    d = depth.float().cpu()[0]
+    valid = torch.isfinite(d)
+    lo, hi = (d[valid].min(), d[valid].max()) if valid.any() else (0.0, 1.0)
+    t = torch.where(valid, (d - lo) / max(float(hi - lo), 1e-8), 0.0)
+    # a warm ramp (black -> red -> yellow -> white) without a plotting dependency
+    rgb = torch.stack([(3 * t).clamp(0, 1), (3 * t - 1).clamp(0, 1), (3 * t - 2).clamp(0, 1)])
+    return (rgb * 255 * valid).to(torch.uint8)
+
+
+def denormalize(image: Tensor) -> Tensor:
+    """Normalised (3, H, W) float -> uint8 RGB."""
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return ((image.float().cpu() * std + mean).clamp(0, 1) * 255).to(torch.uint8)
+
+
+def to_palette_png(label: Tensor | np.ndarray):
+    """(H, W) class ids -> a PIL palette ('P') image, VOC colours, as the dataset stores labels."""
+    from PIL import Image
+
+    arr = label.cpu().numpy() if isinstance(label, Tensor) else label
+    img = Image.fromarray(arr.astype(np.uint8), mode="P")
+    img.putpalette(VOC_PALETTE)
+    return img
+
+
+def log_images(accelerator, batch: dict, outputs: dict, step: int) -> None:
+    """TensorBoard rows: input | label | prediction | pseudo depth | predicted depth."""
+    writer = accelerator.get_tracker("tensorboard", unwrap=True)
+    n = min(IMAGES_LOGGED, batch["image"].shape[0])
+    for i in range(n):
+        row = [denormalize(batch["image"][i]), colorize_label(batch["label"][i]),
+               colorize_label(outputs["seg"][i].argmax(0))]
+        if "depth" in batch:
+            row.append(colorize_depth(batch["depth"][i]))
+        if "depth" in outputs:
+            row.append(colorize_depth(outputs["depth"][i]))
+        writer.add_image(f"val/{i}_input|label|pred|depth|pred_depth", torch.cat(row, dim=2), step)

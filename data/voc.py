@@ -1,0 +1,146 @@
+"""PASCAL VOC 2012 segmentation in its distributed layout, with optional instances and pseudo depth."""
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.io import ImageReadMode, decode_image, read_file
+
+IGNORE_INDEX = 255
+DEPTH_SCALE = 65535.0  # 16-bit PNG -> 0..1 inverse depth (SPEC "Data")
+MISSING_SHOWN = 5  # ids named in a "missing files" error
+
+
+class Depth(tv_tensors.Mask):
+    """Pseudo depth (1, H, W) float: resized like a mask (nearest), padded with NaN (= invalid)."""
+
+
+class DataError(ValueError):
+    """A problem with a data file; the message names the file."""
+
+
+def resolve_voc_root(path: str | Path) -> Path:
+    """Accept VOCdevkit/VOC2012 itself or any folder above it."""
+    path = Path(path)
+    for candidate in (path, path / "VOC2012", path / "VOCdevkit" / "VOC2012"):
+        if (candidate / "JPEGImages").is_dir():
+            return candidate
+    raise DataError(f"{path}: not a VOC 2012 folder (no JPEGImages/ here, in VOC2012/ or VOCdevkit/VOC2012/)")
+
+
+def read_split(root: Path, split: str) -> list[str]:
+    """Ids listed in ImageSets/Segmentation/<split>.txt."""
+    path = root / "ImageSets" / "Segmentation" / f"{split}.txt"
+    if not path.is_file():
+        raise DataError(f"{path}: split list not found")
+    ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not ids:
+        raise DataError(f"{path}: split {split!r} is empty")
+    return ids
+
+
+def depth_fix_command(root: Path, split: str) -> str:
+    """The command that writes the missing pseudo depth maps."""
+    return f"python tools/make_depth.py --data-root {root} --split {split}"
+
+
+def check_files(root: Path, ids: list[str], split: str, need_depth: bool) -> None:
+    """Fail before training when listed files are missing, naming a few and how to fix it."""
+    kinds = {"JPEGImages": ".jpg", "SegmentationClass": ".png"}
+    if need_depth:
+        kinds["PseudoDepth"] = ".png"
+    for folder, ext in kinds.items():
+        missing = [i for i in ids if not (root / folder / f"{i}{ext}").is_file()]
+        if not missing:
+            continue
+        msg = (
+            f"{root / folder}: {len(missing)} of {len(ids)} files of split {split!r} are missing "
+            f"(e.g. {', '.join(missing[:MISSING_SHOWN])})"
+        )
+        if folder == "PseudoDepth":
+            msg += f". Make them with:\n  {depth_fix_command(root, split)}"
+        raise DataError(msg)
+
+
+def read_png_array(path: Path) -> np.ndarray:
+    """PNG -> array of its stored values (palette indices for 'P', 16-bit for depth)."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return np.array(im)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: unreadable PNG ({exc})") from exc
+
+
+def read_label(path: Path, num_classes: int, size: tuple[int, int]) -> torch.Tensor:
+    """Class map (H, W) uint8 with values 0..num_classes-1 or 255, checked."""
+    arr = read_png_array(path)
+    if arr.ndim != 2:
+        raise DataError(f"{path}: label must be a single-channel (palette or grey) PNG, got shape {arr.shape}")
+    if arr.shape != size:
+        raise DataError(f"{path}: label size {arr.shape[::-1]} differs from the image's {size[::-1]}")
+    bad = np.setdiff1d(np.unique(arr), np.r_[np.arange(num_classes), IGNORE_INDEX])
+    if bad.size:
+        raise DataError(f"{path}: label values {bad[:10].tolist()} outside 0..{num_classes - 1} and 255")
+    return torch.from_numpy(arr.astype(np.uint8))
+
+
+def read_depth(path: Path, size: tuple[int, int]) -> torch.Tensor:
+    """16-bit pseudo depth -> (1, H, W) float in 0..1."""
+    arr = read_png_array(path)
+    if arr.shape != size:
+        raise DataError(f"{path}: depth size {arr.shape[::-1]} differs from the image's {size[::-1]}")
+    return torch.from_numpy(arr.astype(np.float32) / DEPTH_SCALE)[None]
+
+
+class VOCSegmentation(Dataset):
+    """Samples as dicts: image, label, depth (if asked), instances (if SegmentationObject exists), id."""
+
+    def __init__(self, root, split: str = "train", transforms=None, with_depth: bool = False, num_classes: int = 21):
+        self.root = resolve_voc_root(root)
+        self.split = split
+        self.ids = read_split(self.root, split)
+        self.transforms = transforms
+        self.with_depth = with_depth
+        self.num_classes = num_classes
+        self.with_instances = (self.root / "SegmentationObject").is_dir()
+        check_files(self.root, self.ids, split, with_depth)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def read_image(self, idx: int) -> torch.Tensor:
+        """Decoded RGB image (3, H, W) uint8."""
+        path = self.root / "JPEGImages" / f"{self.ids[idx]}.jpg"
+        try:
+            return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+        except (RuntimeError, OSError) as exc:
+            raise DataError(f"{path}: unreadable image ({exc})") from exc
+
+    def load(self, idx: int) -> dict:
+        """The sample before transforms."""
+        i = self.ids[idx]
+        image = self.read_image(idx)
+        size = tuple(image.shape[-2:])
+        sample = {
+            "image": tv_tensors.Image(image),
+            "label": tv_tensors.Mask(read_label(self.root / "SegmentationClass" / f"{i}.png", self.num_classes, size)),
+            "id": i,
+        }
+        inst_path = self.root / "SegmentationObject" / f"{i}.png"
+        if self.with_instances:
+            if not inst_path.is_file():
+                raise DataError(f"{inst_path}: instance mask missing (SegmentationObject/ exists for this split)")
+            inst = read_png_array(inst_path)
+            if inst.shape != size:
+                raise DataError(f"{inst_path}: size {inst.shape[::-1]} differs from the image's {size[::-1]}")
+            sample["instances"] = tv_tensors.Mask(torch.from_numpy(inst.astype(np.uint8)))
+        if self.with_depth:
+            sample["depth"] = Depth(read_depth(self.root / "PseudoDepth" / f"{i}.png", size))
+        return sample
+
+    def __getitem__(self, idx: int) -> dict:
+        sample = self.load(idx)
+        return self.transforms(sample) if self.transforms else sample

@@ -1,0 +1,6 @@
+"""Models: ResNet encoder, UNet decoders, the multi-decoder model and its losses."""
+from models.checkpoint import load_model, save_model
+from models.losses import FocalLoss, depth_loss
+from models.model import ModelConfig, MultiDecoderModel, build_model
+
+__all__ = ["FocalLoss", "ModelConfig", "MultiDecoderModel", "build_model", "depth_loss", "load_model", "save_model"]

@@ -1,0 +1,54 @@
+"""UNet decoder in the style of segmentation_models_pytorch: upsample, concatenate skip, two conv-BN-ReLU."""
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def conv_bn_relu(in_ch: int, out_ch: int) -> nn.Sequential:
+    """3x3 conv (no bias, BN follows), BatchNorm, ReLU."""
+    return nn.Sequential(
+        nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False),
+        nn.BatchNorm2d(out_ch),
+        nn.ReLU(inplace=True),
+    )
+
+
+class DecoderBlock(nn.Module):
+    """Upsample to the skip's size (so odd input sizes work), concatenate it, two conv-BN-ReLU."""
+
+    def __init__(self, in_ch: int, skip_ch: int, out_ch: int):
+        super().__init__()
+        self.conv1 = conv_bn_relu(in_ch + skip_ch, out_ch)
+        self.conv2 = conv_bn_relu(out_ch, out_ch)
+
+    def forward(self, x: Tensor, skip: Tensor | None, size: tuple[int, int]) -> Tensor:
+        x = F.interpolate(x, size=size, mode="nearest")
+        if skip is not None:
+            x = torch.cat([x, skip], dim=1)
+        return self.conv2(self.conv1(x))
+
+
+class UnetDecoder(nn.Module):
+    """Five decoder blocks from stride 32 back to stride 1; channels derived from the encoder."""
+
+    def __init__(self, encoder_channels: tuple[int, ...], decoder_channels: tuple[int, ...]):
+        super().__init__()
+        if len(decoder_channels) != len(encoder_channels):
+            raise ValueError(
+                f"decoder_channels has {len(decoder_channels)} entries, the encoder gives "
+                f"{len(encoder_channels)} feature maps; they must match"
+            )
+        # deepest feature first; the last block has no skip (it returns to full resolution)
+        skips = list(reversed(encoder_channels[:-1])) + [0]
+        ins = [encoder_channels[-1]] + list(decoder_channels[:-1])
+        self.blocks = nn.ModuleList(
+            DecoderBlock(i, s, o) for i, s, o in zip(ins, skips, decoder_channels)
+        )
+        self.out_channels = decoder_channels[-1]
+
+    def forward(self, features: list[Tensor], size: tuple[int, int]) -> Tensor:
+        x = features[-1]
+        skips = list(reversed(features[:-1])) + [None]
+        for block, skip in zip(self.blocks, skips):
+            x = block(x, skip, skip.shape[-2:] if skip is not None else size)
+        return x  # (B, decoder_channels[-1], H, W)

@@ -1,0 +1,133 @@
+import pytest
+import torch
+from torch import nn
+
+from models import ModelConfig, build_model, load_model, save_model
+from models.checkpoint import drop_decoders
+from models.decoder import UnetDecoder
+from models.encoder import ENCODERS, ResNetEncoder
+
+R18 = ModelConfig(encoder="resnet18", decoder_channels=(64, 32, 16, 16, 8))
+
+
+def n_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_model(R18)
+
+
+@pytest.mark.parametrize("size", [(64, 64), (67, 71)])
+def test_forward_backward_shapes(model, size):
+    x = torch.randn(2, 3, *size)
+    out = model.train()(x)
+    assert set(out) == {"seg", "depth"}
+    assert out["seg"].shape == (2, 21, *size)
+    assert out["depth"].shape == (2, 1, *size)
+    (out["seg"].mean() + out["depth"].mean()).backward()
+    assert all(p.grad is not None for p in model.parameters())
+    model.zero_grad(set_to_none=True)
+
+
+def test_forward_runs_only_requested_decoders(model):
+    model.zero_grad(set_to_none=True)
+    out = model.train()(torch.randn(1, 3, 64, 64), tasks=("seg",))
+    assert set(out) == {"seg"}
+    out["seg"].sum().backward()
+    assert all(p.grad is None for p in model.decoders["depth"].parameters())
+    assert all(p.grad is None for p in model.heads["depth"].parameters())
+    model.zero_grad(set_to_none=True)
+
+
+def test_resnet50_encoder_channels_and_strides():
+    enc = ResNetEncoder("resnet50")
+    assert enc.out_channels == (64, 256, 512, 1024, 2048)
+    feats = enc(torch.randn(1, 3, 64, 64))
+    assert [f.shape[1] for f in feats] == list(enc.out_channels)
+    assert [f.shape[-1] for f in feats] == [32, 16, 8, 4, 2]  # strides 2..32
+
+
+def test_freezing_flips_grad_and_batchnorm_mode_and_survives_train():
+    m = build_model(R18)
+    m.set_trainable(("seg",), encoder=False)
+    m.train()
+    assert not any(p.requires_grad for p in m.encoder.parameters())
+    assert not any(p.requires_grad for p in m.decoders["depth"].parameters())
+    assert all(p.requires_grad for p in m.decoders["seg"].parameters())
+    bns = lambda mod: [b for b in mod.modules() if isinstance(b, nn.BatchNorm2d)]  # noqa: E731
+    assert not any(b.training for b in bns(m.encoder) + bns(m.decoders["depth"]))
+    assert all(b.training for b in bns(m.decoders["seg"]))
+    before = [b.running_mean.clone() for b in bns(m.encoder)]
+    m(torch.randn(2, 3, 64, 64), tasks=("seg",))
+    assert all(torch.equal(a, b.running_mean) for a, b in zip(before, bns(m.encoder)))
+    m.set_trainable(("seg", "depth"))
+    m.train()
+    assert all(p.requires_grad for p in m.parameters())
+    assert all(b.training for b in bns(m))
+
+
+def test_copy_decoder_copies_every_non_head_tensor():
+    m = build_model(R18)
+    copied = m.copy_decoder("depth", "seg")
+    src, dst = m.decoders["depth"].state_dict(), m.decoders["seg"].state_dict()
+    assert len(copied) == len(src) > 0
+    assert all(torch.equal(src[k], dst[k]) for k in src)
+    assert m.heads["seg"].weight.shape != m.heads["depth"].weight.shape  # heads are not copied
+    # the copy is a copy, not shared storage
+    with torch.no_grad():
+        next(m.decoders["depth"].parameters()).add_(1)
+    assert not torch.equal(next(m.decoders["depth"].parameters()), next(m.decoders["seg"].parameters()))
+
+
+def test_decoder_channel_mismatch_raises():
+    with pytest.raises(ValueError, match="must match"):
+        UnetDecoder((64, 64, 128, 256, 512), (32, 16))
+
+
+def test_single_decoder_model_is_the_multi_decoder_model_without_depth():
+    full = build_model(R18)
+    single = build_model(ModelConfig(**{**R18.__dict__, "tasks": ("seg",)}))
+    slim = drop_decoders(full, ("seg",))
+    assert n_params(single) == n_params(slim) == n_params(full) - n_params(full.decoders["depth"]) - n_params(full.heads["depth"])
+    x = torch.randn(1, 3, 64, 64)
+    full.eval(), slim.eval()
+    assert torch.equal(full(x)["seg"], slim(x)["seg"])
+
+
+def test_encoder_weights_from_a_local_file(tmp_path):
+    torch.manual_seed(3)
+    ref = ENCODERS["resnet18"][0](weights=None)
+    torch.save(ref.state_dict(), tmp_path / "r18.pth")
+    enc = ResNetEncoder("resnet18", str(tmp_path / "r18.pth"))
+    assert torch.equal(enc.layer4[1].conv2.weight, ref.layer4[1].conv2.weight)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        ResNetEncoder("resnet18", str(tmp_path / "missing.pth"))
+    with pytest.raises(ValueError, match="do not fit resnet34"):
+        ResNetEncoder("resnet34", str(tmp_path / "r18.pth"))
+
+
+def test_imagenet_weights_offline_error_says_how_to_supply_them(monkeypatch):
+    enum = ENCODERS["resnet50"][1]
+
+    def offline(*a, **k):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(type(enum), "get_state_dict", offline)
+    with pytest.raises(RuntimeError, match="--encoder-weights") as err:
+        ResNetEncoder("resnet50", "imagenet")
+    assert "resnet50" in str(err.value) and "cache" in str(err.value)
+
+
+def test_save_and_load_roundtrip_and_mismatch_error(tmp_path, model):
+    save_model(model, tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
+    x = torch.randn(1, 3, 64, 64)
+    assert torch.equal(loaded(x)["seg"], model.eval()(x)["seg"])
+    other = build_model(ModelConfig(encoder="resnet18", decoder_channels=R18.decoder_channels, num_classes=5))
+    save_model(other, tmp_path / "o")
+    (tmp_path / "o" / "config.json").write_text((tmp_path / "m" / "config.json").read_text())
+    with pytest.raises(ValueError, match="another shape"):
+        load_model(tmp_path / "o")
