@@ -38,8 +38,8 @@ def to_palette_png(label: Tensor | np.ndarray):
     from PIL import Image
 
     arr = label.cpu().numpy() if isinstance(label, Tensor) else label
-    img = Image.fromarray(arr.astype(np.uint8), mode="P")
-    img.putpalette(VOC_PALETTE)
+    img = Image.fromarray(arr.astype(np.uint8))
+    img.putpalette(VOC_PALETTE)  # turns the grey image into a palette one, indices kept
     return img
 
 

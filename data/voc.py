@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
-from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.transforms.v2.functional import pil_to_tensor
 
 IGNORE_INDEX = 255
 DEPTH_SCALE = 65535.0  # 16-bit PNG -> 0..1 inverse depth (SPEC "Data")
@@ -115,8 +115,9 @@ class VOCSegmentation(Dataset):
         """Decoded RGB image (3, H, W) uint8."""
         path = self.root / "JPEGImages" / f"{self.ids[idx]}.jpg"
         try:
-            return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
-        except (RuntimeError, OSError) as exc:
+            with Image.open(path) as im:
+                return pil_to_tensor(im.convert("RGB"))
+        except (OSError, ValueError) as exc:
             raise DataError(f"{path}: unreadable image ({exc})") from exc
 
     def load(self, idx: int) -> dict:

@@ -1,0 +1,284 @@
+"""Built-in synthetic VOC-format demo set: occluding objects of 20 classes with true depth."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+VOC_CLASSES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
+    "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
+    "sheep", "sofa", "train", "tvmonitor",
+)
+NUM_CLASSES = len(VOC_CLASSES)
+IGNORE_INDEX = 255
+
+
+def _voc_palette() -> list[int]:
+    """Return the standard VOC colormap (bit-shuffled label index) as 256*3 ints."""
+    palette = []
+    for label in range(256):
+        rgb, c = [0, 0, 0], label
+        for bit in range(8):
+            for ch in range(3):
+                rgb[ch] |= ((c >> ch) & 1) << (7 - bit)
+            c >>= 3
+        palette.extend(rgb)
+    return palette
+
+
+VOC_PALETTE = _voc_palette()
+
+# Bump when the scene generator changes, so existing folders are regenerated on request.
+GENERATOR_VERSION = 1
+JPEG_QUALITY = 95
+SPLITS = ("train", "val")
+DEPTH_MAX_CODE = 65535  # 16-bit code of the nearest pixel (inverse depth 1)
+
+# Class appearance is fixed across seeds so that "class 7" looks alike in every set.
+CLASS_SEED = 20120
+SHAPES = ("ellipse", "rectangle", "triangle", "star", "ring")
+ASPECTS = (1.0, 0.6, 1.7, 0.4)  # width / height; 5 shapes x 4 aspects = 20 classes
+COLOUR_RANGE = (50.0, 205.0)  # class means and background colours share it: colour overlaps
+COLOUR_JITTER = 28.0  # per-object std around its class mean colour
+ROTATION_MAX_DEG = 25.0  # small, so the aspect ratio stays a class cue
+RING_INNER = 0.55  # inner / outer radius of the ring shape
+STAR_INNER = 0.5  # inner / outer radius of the star shape
+ELLIPSE_VERTICES = 48
+
+# Metric depth (arbitrary units): objects always lie in front of the background.
+MIN_OBJECTS, MAX_OBJECTS = 2, 6
+OBJECT_DEPTHS = np.geomspace(2.0, 9.0, 12)  # depth slots, ~15% apart, so objects never touch in depth
+DEPTH_JITTER = 0.03  # relative jitter within a slot, below half the slot spacing
+MAX_SLOPE = 0.04  # relative depth change per image width: near-fronto-parallel objects
+BG_NEAR, BG_FAR = 10.0, 40.0  # background depth at the bottom and the top row
+BG_CURVE = 1.5  # >1: depth grows slowly near the bottom and fast towards the top
+BG_TILT = 0.05  # relative left-right depth tilt of the background
+OBJECT_SCALE = 0.6  # apparent radius = OBJECT_SCALE * size / depth (perspective)
+SIZE_JITTER = (0.75, 1.3)
+CENTRE_MARGIN = 0.1  # object centres keep this fraction of the image from the border
+
+# Appearance noise.
+TEXTURE_AMP = (0.0, 30.0)  # stripe amplitude range (grey levels)
+TEXTURE_PERIOD = 0.6  # stripe period = TEXTURE_PERIOD * apparent radius
+SHADE_AMP = 0.15  # relative brightness change across an object (lighting direction)
+NOISE_CELLS = 6  # coarse grid of the smooth blotch / light fields
+BG_BLOTCH_AMP = 25.0
+LIGHT_GAIN = (0.75, 1.2)
+LIGHT_FIELD_AMP = 0.12
+PIXEL_NOISE = 6.0
+
+
+def _smooth_field(rng: np.random.Generator, size: int, channels: int) -> np.ndarray:
+    """Return a (size, size, channels) smooth random field in [-1, 1] by bilinear upsampling."""
+    pos = np.linspace(0, NOISE_CELLS - 1, size)
+    lo = np.minimum(pos.astype(int), NOISE_CELLS - 2)
+    frac = pos - lo
+    interp = np.zeros((size, NOISE_CELLS))
+    interp[np.arange(size), lo] = 1 - frac
+    interp[np.arange(size), lo + 1] = frac
+    grid = rng.uniform(-1, 1, (NOISE_CELLS, NOISE_CELLS, channels))
+    return (interp @ grid.transpose(2, 0, 1) @ interp.T).transpose(1, 2, 0)
+
+
+def _class_colours() -> np.ndarray:
+    """Return the (21, 3) mean colour per class, fixed across seeds."""
+    return np.random.default_rng(CLASS_SEED).uniform(*COLOUR_RANGE, (NUM_CLASSES, 3))
+
+
+CLASS_COLOURS = _class_colours()
+
+
+def _outline(shape: str, radius: float, aspect: float, angle: float, cx: float, cy: float) -> list[list[tuple]]:
+    """Return the polygons of a shape (a second polygon is a hole to cut out)."""
+    if shape == "ellipse" or shape == "ring":
+        t = np.linspace(0, 2 * np.pi, ELLIPSE_VERTICES, endpoint=False)
+        unit = [np.stack([np.cos(t), np.sin(t)], 1)]
+        if shape == "ring":
+            unit.append(unit[0] * RING_INNER)
+    elif shape == "rectangle":
+        unit = [np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]]) * 0.85]
+    elif shape == "triangle":
+        t = np.pi / 2 + np.arange(3) * 2 * np.pi / 3
+        unit = [np.stack([np.cos(t), -np.sin(t)], 1)]
+    else:  # star: 5 spikes alternating outer / inner radius
+        t = np.pi / 2 + np.arange(10) * np.pi / 5
+        r = np.where(np.arange(10) % 2 == 0, 1.0, STAR_INNER)
+        unit = [np.stack([r * np.cos(t), -r * np.sin(t)], 1)]
+    scale = np.array([radius * np.sqrt(aspect), radius / np.sqrt(aspect)])
+    rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    return [[tuple(p) for p in (u * scale) @ rot.T + (cx, cy)] for u in unit]
+
+
+def _object_mask(shape: str, radius: float, aspect: float, angle: float, cx: float, cy: float, size: int) -> np.ndarray:
+    """Rasterise one object into a boolean (size, size) mask."""
+    canvas = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(canvas)
+    polys = _outline(shape, radius, aspect, angle, cx, cy)
+    draw.polygon(polys[0], fill=1)
+    for hole in polys[1:]:
+        draw.polygon(hole, fill=0)
+    return np.asarray(canvas, dtype=bool)
+
+
+def _boundary_band(instances: np.ndarray) -> np.ndarray:
+    """Return a 2 px band (1 px each side) along every instance / background edge, as VOC has."""
+    band = np.zeros(instances.shape, dtype=bool)
+    dx = instances[:, 1:] != instances[:, :-1]
+    dy = instances[1:, :] != instances[:-1, :]
+    band[:, 1:] |= dx
+    band[:, :-1] |= dx
+    band[1:, :] |= dy
+    band[:-1, :] |= dy
+    return band
+
+
+def _background(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return the background (image (H, W, 3), metric depth (H, W)): a ground receding upwards."""
+    rows = np.linspace(0, 1, size)[:, None]  # 0 = top
+    cols = np.linspace(-0.5, 0.5, size)[None, :]
+    depth = BG_NEAR * (BG_FAR / BG_NEAR) ** ((1 - rows) ** BG_CURVE)
+    depth = depth * (1 + rng.uniform(-BG_TILT, BG_TILT) * cols)
+    top, bottom = rng.uniform(*COLOUR_RANGE, (2, 3))
+    image = top + (bottom - top) * rows[..., None]
+    # Ground stripes fixed in world distance shrink with depth: a perspective cue.
+    stripes = np.sin(2 * np.pi * depth / rng.uniform(1.0, 4.0) + rng.uniform(0, 2 * np.pi))
+    image = image + rng.uniform(*TEXTURE_AMP) * stripes[..., None]
+    image = image + BG_BLOTCH_AMP * _smooth_field(rng, size, 3)
+    return image, depth
+
+
+def _render_scene(rng: np.random.Generator, size: int) -> dict[str, np.ndarray]:
+    """Paint one scene far to near; return uint8 image, label, instances (with 255 band) and depth."""
+    image, depth = _background(rng, size)
+    label = np.zeros((size, size), np.uint8)
+    instances = np.zeros((size, size), np.uint8)
+    num = rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1)
+    slots = np.sort(rng.choice(len(OBJECT_DEPTHS), num, replace=False))[::-1]  # far to near
+    light = rng.normal(size=2)
+    light /= np.linalg.norm(light)
+    for k, slot in enumerate(slots, start=1):
+        cls = int(rng.integers(1, NUM_CLASSES))
+        z = OBJECT_DEPTHS[slot] * (1 + rng.uniform(-DEPTH_JITTER, DEPTH_JITTER))
+        near = 1 - slot / (len(OBJECT_DEPTHS) - 1)  # 1 = nearest slot
+        radius = OBJECT_SCALE * size / z * rng.uniform(*SIZE_JITTER)
+        cx = rng.uniform(CENTRE_MARGIN, 1 - CENTRE_MARGIN) * size
+        # Nearer objects stand lower in the frame, as on a ground plane.
+        cy = np.clip(0.35 + 0.5 * near + rng.normal(0, 0.12), CENTRE_MARGIN, 1 - CENTRE_MARGIN) * size
+        shape, aspect = SHAPES[(cls - 1) % len(SHAPES)], ASPECTS[(cls - 1) // len(SHAPES)]
+        angle = np.deg2rad(rng.uniform(-ROTATION_MAX_DEG, ROTATION_MAX_DEG))
+        mask = _object_mask(shape, radius, aspect, angle, cx, cy, size)
+        ys, xs = np.nonzero(mask)
+        dx, dy = (xs - cx) / size, (ys - cy) / size
+        slope = rng.uniform(-MAX_SLOPE, MAX_SLOPE, 2)
+        depth[ys, xs] = z * (1 + slope[0] * dx + slope[1] * dy)
+        colour = CLASS_COLOURS[cls] + rng.normal(0, COLOUR_JITTER, 3)
+        theta, phase = rng.uniform(0, np.pi), rng.uniform(0, 2 * np.pi)
+        stripes = np.sin(2 * np.pi * (xs * np.cos(theta) + ys * np.sin(theta)) / (TEXTURE_PERIOD * radius) + phase)
+        shade = 1 + SHADE_AMP * np.clip((dx * light[0] + dy * light[1]) * size / radius, -1, 1)
+        image[ys, xs] = colour * shade[:, None] + rng.uniform(*TEXTURE_AMP) * stripes[:, None]
+        label[ys, xs] = cls
+        instances[ys, xs] = k
+    image = image * rng.uniform(*LIGHT_GAIN) * (1 + LIGHT_FIELD_AMP * _smooth_field(rng, size, 1))
+    image = image + rng.normal(0, PIXEL_NOISE, image.shape)
+    band = _boundary_band(instances)
+    label[band] = IGNORE_INDEX
+    instances[band] = 0
+    # Renumber the instances that stayed visible to 1..K, keeping painting order.
+    visible = np.unique(instances[instances > 0])
+    lut = np.zeros(256, np.uint8)
+    lut[visible] = np.arange(1, len(visible) + 1)
+    instances = lut[instances]
+    instances[band] = IGNORE_INDEX
+    return {"image": np.clip(image, 0, 255).round().astype(np.uint8), "label": label,
+            "instances": instances, "depth": depth}
+
+
+def depth_to_code(depth: np.ndarray) -> np.ndarray:
+    """Convert metric depth to the stored convention: min-max normalised inverse depth in 0..65535."""
+    inv = 1.0 / depth
+    inv = (inv - inv.min()) / max(inv.max() - inv.min(), np.finfo(float).tiny)
+    return np.round(inv * DEPTH_MAX_CODE).astype(np.uint16)
+
+
+def _save_palette(array: np.ndarray, path: Path) -> None:
+    """Save a uint8 index map as a palette PNG with the VOC colormap."""
+    image = Image.fromarray(array)
+    image.putpalette(VOC_PALETTE)
+    image.save(path)
+
+
+def _write_set(root: Path, params: dict) -> None:
+    """Generate every image of both splits into root."""
+    for sub in ("JPEGImages", "SegmentationClass", "SegmentationObject", "PseudoDepth", "ImageSets/Segmentation"):
+        (root / sub).mkdir(parents=True)
+    lists = {}
+    for split_index, split in enumerate(SPLITS):
+        ids = [f"syn_{split}_{i:05d}" for i in range(params[f"num_{split}"])]
+        for i, name in enumerate(ids):
+            # Per-image seed: each image is independent of the split sizes.
+            scene = _render_scene(np.random.default_rng([params["seed"], split_index, i]), params["size"])
+            Image.fromarray(scene["image"]).save(root / "JPEGImages" / f"{name}.jpg", quality=JPEG_QUALITY)
+            _save_palette(scene["label"], root / "SegmentationClass" / f"{name}.png")
+            _save_palette(scene["instances"], root / "SegmentationObject" / f"{name}.png")
+            Image.fromarray(depth_to_code(scene["depth"])).save(root / "PseudoDepth" / f"{name}.png")
+        lists[split] = ids
+    lists["trainval"] = lists["train"] + lists["val"]
+    for split, ids in lists.items():
+        (root / "ImageSets/Segmentation" / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
+    meta = {"model": "synthetic-ground-truth", "native_output": "metric_depth",
+            "conversion": "inverse, per-image min-max to 0..65535", "count": len(lists["trainval"]),
+            "dtype": "uint16", "nearest": DEPTH_MAX_CODE, "generator": "data/synthetic.py"}
+    (root / "PseudoDepth" / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    # Written last: its presence marks a complete set.
+    (root / "SYNTHETIC.json").write_text(json.dumps(params, indent=2, sort_keys=True) + "\n")
+
+
+def _read_params(out: Path) -> dict | None:
+    """Return the generator params of an existing set, or None if out holds none."""
+    try:
+        return json.loads((out / "SYNTHETIC.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def make_synthetic(out: str | Path, num_train: int = 300, num_val: int = 60, size: int = 128,
+                   seed: int = 0, overwrite: bool = False) -> Path:
+    """Generate the synthetic VOC-format set at out (atomically); a no-op if it already matches."""
+    out = Path(out)
+    params = {"num_train": num_train, "num_val": num_val, "size": size, "seed": seed, "version": GENERATOR_VERSION}
+    if num_train < 1 or num_val < 1 or size < 16:
+        raise ValueError(f"need num_train >= 1, num_val >= 1 and size >= 16, got {params}")
+    existing = _read_params(out)
+    if existing == params:
+        return out
+    if out.exists():
+        if existing is None and any(out.iterdir()):
+            raise FileExistsError(f"{out} exists and is not a synthetic set (no SYNTHETIC.json); refusing to touch it")
+        if existing is not None and not overwrite:
+            raise ValueError(f"{out} holds a synthetic set made with {existing}, not {params}; "
+                             "pass overwrite=True (--overwrite) or choose another folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write_set(tmp, params)
+        if _read_params(out) == params:  # another process (e.g. another rank) finished it meanwhile
+            return out
+        if out.exists():
+            os.replace(out, old)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            # Another process moved its copy into place between our check and the rename.
+            if _read_params(out) != params:
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return out
