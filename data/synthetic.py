@@ -36,6 +36,7 @@ VOC_PALETTE = _voc_palette()
 # Bump when the scene generator changes, so existing folders are regenerated on request.
 GENERATOR_VERSION = 1
 JPEG_QUALITY = 95
+MIN_SIZE = 16  # smaller images leave objects only a boundary band wide
 SPLITS = ("train", "val")
 DEPTH_MAX_CODE = 65535  # 16-bit code of the nearest pixel (inverse depth 1)
 
@@ -49,6 +50,8 @@ ROTATION_MAX_DEG = 25.0  # small, so the aspect ratio stays a class cue
 RING_INNER = 0.55  # inner / outer radius of the ring shape
 STAR_INNER = 0.5  # inner / outer radius of the star shape
 ELLIPSE_VERTICES = 48
+RECT_HALF = 0.85  # half side of the unit rectangle: its area is close to the unit ellipse's
+CLASS_COLOURS = np.random.default_rng(CLASS_SEED).uniform(*COLOUR_RANGE, (NUM_CLASSES, 3))  # (21, 3)
 
 # Metric depth (arbitrary units): objects always lie in front of the background.
 MIN_OBJECTS, MAX_OBJECTS = 2, 6
@@ -58,19 +61,20 @@ MAX_SLOPE = 0.04  # relative depth change per image width: near-fronto-parallel 
 BG_NEAR, BG_FAR = 10.0, 40.0  # background depth at the bottom and the top row
 BG_CURVE = 1.5  # >1: depth grows slowly near the bottom and fast towards the top
 BG_TILT = 0.05  # relative left-right depth tilt of the background
+BG_STRIPE_PERIOD = (1.0, 4.0)  # ground stripe spacing in depth units
 OBJECT_SCALE = 0.6  # apparent radius = OBJECT_SCALE * size / depth (perspective)
-SIZE_JITTER = (0.75, 1.3)
+SIZE_JITTER = (0.75, 1.3)  # per-object size factor: apparent size is a depth cue, not an oracle
 CENTRE_MARGIN = 0.1  # object centres keep this fraction of the image from the border
+GROUND_TOP, GROUND_SPAN, GROUND_JITTER = 0.35, 0.5, 0.12  # centre row (fraction): far objects high, near low
 
-# Appearance noise.
 TEXTURE_AMP = (0.0, 30.0)  # stripe amplitude range (grey levels)
 TEXTURE_PERIOD = 0.6  # stripe period = TEXTURE_PERIOD * apparent radius
 SHADE_AMP = 0.15  # relative brightness change across an object (lighting direction)
 NOISE_CELLS = 6  # coarse grid of the smooth blotch / light fields
-BG_BLOTCH_AMP = 25.0
-LIGHT_GAIN = (0.75, 1.2)
-LIGHT_FIELD_AMP = 0.12
-PIXEL_NOISE = 6.0
+BG_BLOTCH_AMP = 25.0  # grey levels of the smooth background colour blotches
+LIGHT_GAIN = (0.75, 1.2)  # global brightness per image
+LIGHT_FIELD_AMP = 0.12  # relative smooth illumination change across the image
+PIXEL_NOISE = 6.0  # std of i.i.d. sensor noise (grey levels)
 
 
 def _smooth_field(rng: np.random.Generator, size: int, channels: int) -> np.ndarray:
@@ -85,14 +89,6 @@ def _smooth_field(rng: np.random.Generator, size: int, channels: int) -> np.ndar
     return (interp @ grid.transpose(2, 0, 1) @ interp.T).transpose(1, 2, 0)
 
 
-def _class_colours() -> np.ndarray:
-    """Return the (21, 3) mean colour per class, fixed across seeds."""
-    return np.random.default_rng(CLASS_SEED).uniform(*COLOUR_RANGE, (NUM_CLASSES, 3))
-
-
-CLASS_COLOURS = _class_colours()
-
-
 def _outline(shape: str, radius: float, aspect: float, angle: float, cx: float, cy: float) -> list[list[tuple]]:
     """Return the polygons of a shape (a second polygon is a hole to cut out)."""
     if shape == "ellipse" or shape == "ring":
@@ -101,7 +97,7 @@ def _outline(shape: str, radius: float, aspect: float, angle: float, cx: float, 
         if shape == "ring":
             unit.append(unit[0] * RING_INNER)
     elif shape == "rectangle":
-        unit = [np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]]) * 0.85]
+        unit = [np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]]) * RECT_HALF]
     elif shape == "triangle":
         t = np.pi / 2 + np.arange(3) * 2 * np.pi / 3
         unit = [np.stack([np.cos(t), -np.sin(t)], 1)]
@@ -146,56 +142,60 @@ def _background(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.nda
     top, bottom = rng.uniform(*COLOUR_RANGE, (2, 3))
     image = top + (bottom - top) * rows[..., None]
     # Ground stripes fixed in world distance shrink with depth: a perspective cue.
-    stripes = np.sin(2 * np.pi * depth / rng.uniform(1.0, 4.0) + rng.uniform(0, 2 * np.pi))
+    stripes = np.sin(2 * np.pi * depth / rng.uniform(*BG_STRIPE_PERIOD) + rng.uniform(0, 2 * np.pi))
     image = image + rng.uniform(*TEXTURE_AMP) * stripes[..., None]
     image = image + BG_BLOTCH_AMP * _smooth_field(rng, size, 3)
     return image, depth
 
 
+def _paint_object(rng: np.random.Generator, scene: dict[str, np.ndarray], k: int, slot: int, light: np.ndarray) -> None:
+    """Paint instance k (class, shape, depth slot, texture) over whatever is already in scene."""
+    size = scene["label"].shape[0]
+    cls = int(rng.integers(1, NUM_CLASSES))
+    z = OBJECT_DEPTHS[slot] * (1 + rng.uniform(-DEPTH_JITTER, DEPTH_JITTER))
+    near = 1 - slot / (len(OBJECT_DEPTHS) - 1)  # 1 = nearest slot
+    radius = OBJECT_SCALE * size / z * rng.uniform(*SIZE_JITTER)
+    cx = rng.uniform(CENTRE_MARGIN, 1 - CENTRE_MARGIN) * size
+    # Nearer objects stand lower in the frame, as on a ground plane.
+    cy = np.clip(GROUND_TOP + GROUND_SPAN * near + rng.normal(0, GROUND_JITTER), CENTRE_MARGIN, 1 - CENTRE_MARGIN)
+    cy *= size
+    shape, aspect = SHAPES[(cls - 1) % len(SHAPES)], ASPECTS[(cls - 1) // len(SHAPES)]
+    angle = np.deg2rad(rng.uniform(-ROTATION_MAX_DEG, ROTATION_MAX_DEG))
+    ys, xs = np.nonzero(_object_mask(shape, radius, aspect, angle, cx, cy, size))
+    dx, dy = (xs - cx) / size, (ys - cy) / size
+    slope = rng.uniform(-MAX_SLOPE, MAX_SLOPE, 2)
+    scene["depth"][ys, xs] = z * (1 + slope[0] * dx + slope[1] * dy)
+    colour = CLASS_COLOURS[cls] + rng.normal(0, COLOUR_JITTER, 3)
+    theta, phase = rng.uniform(0, np.pi), rng.uniform(0, 2 * np.pi)
+    stripes = np.sin(2 * np.pi * (xs * np.cos(theta) + ys * np.sin(theta)) / (TEXTURE_PERIOD * radius) + phase)
+    shade = 1 + SHADE_AMP * np.clip((dx * light[0] + dy * light[1]) * size / radius, -1, 1)
+    scene["image"][ys, xs] = colour * shade[:, None] + rng.uniform(*TEXTURE_AMP) * stripes[:, None]
+    scene["label"][ys, xs] = cls
+    scene["instances"][ys, xs] = k
+
+
 def _render_scene(rng: np.random.Generator, size: int) -> dict[str, np.ndarray]:
     """Paint one scene far to near; return uint8 image, label, instances (with 255 band) and depth."""
     image, depth = _background(rng, size)
-    label = np.zeros((size, size), np.uint8)
-    instances = np.zeros((size, size), np.uint8)
+    scene = {"image": image, "depth": depth, "label": np.zeros((size, size), np.uint8),
+             "instances": np.zeros((size, size), np.uint8)}
     num = rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1)
-    slots = np.sort(rng.choice(len(OBJECT_DEPTHS), num, replace=False))[::-1]  # far to near
+    slots = np.sort(rng.choice(len(OBJECT_DEPTHS), num, replace=False))[::-1]
     light = rng.normal(size=2)
     light /= np.linalg.norm(light)
     for k, slot in enumerate(slots, start=1):
-        cls = int(rng.integers(1, NUM_CLASSES))
-        z = OBJECT_DEPTHS[slot] * (1 + rng.uniform(-DEPTH_JITTER, DEPTH_JITTER))
-        near = 1 - slot / (len(OBJECT_DEPTHS) - 1)  # 1 = nearest slot
-        radius = OBJECT_SCALE * size / z * rng.uniform(*SIZE_JITTER)
-        cx = rng.uniform(CENTRE_MARGIN, 1 - CENTRE_MARGIN) * size
-        # Nearer objects stand lower in the frame, as on a ground plane.
-        cy = np.clip(0.35 + 0.5 * near + rng.normal(0, 0.12), CENTRE_MARGIN, 1 - CENTRE_MARGIN) * size
-        shape, aspect = SHAPES[(cls - 1) % len(SHAPES)], ASPECTS[(cls - 1) // len(SHAPES)]
-        angle = np.deg2rad(rng.uniform(-ROTATION_MAX_DEG, ROTATION_MAX_DEG))
-        mask = _object_mask(shape, radius, aspect, angle, cx, cy, size)
-        ys, xs = np.nonzero(mask)
-        dx, dy = (xs - cx) / size, (ys - cy) / size
-        slope = rng.uniform(-MAX_SLOPE, MAX_SLOPE, 2)
-        depth[ys, xs] = z * (1 + slope[0] * dx + slope[1] * dy)
-        colour = CLASS_COLOURS[cls] + rng.normal(0, COLOUR_JITTER, 3)
-        theta, phase = rng.uniform(0, np.pi), rng.uniform(0, 2 * np.pi)
-        stripes = np.sin(2 * np.pi * (xs * np.cos(theta) + ys * np.sin(theta)) / (TEXTURE_PERIOD * radius) + phase)
-        shade = 1 + SHADE_AMP * np.clip((dx * light[0] + dy * light[1]) * size / radius, -1, 1)
-        image[ys, xs] = colour * shade[:, None] + rng.uniform(*TEXTURE_AMP) * stripes[:, None]
-        label[ys, xs] = cls
-        instances[ys, xs] = k
-    image = image * rng.uniform(*LIGHT_GAIN) * (1 + LIGHT_FIELD_AMP * _smooth_field(rng, size, 1))
-    image = image + rng.normal(0, PIXEL_NOISE, image.shape)
-    band = _boundary_band(instances)
-    label[band] = IGNORE_INDEX
-    instances[band] = 0
+        _paint_object(rng, scene, k, slot, light)  # far to near: nearer objects occlude
+    image = scene["image"] * rng.uniform(*LIGHT_GAIN) * (1 + LIGHT_FIELD_AMP * _smooth_field(rng, size, 1))
+    scene["image"] = np.clip(image + rng.normal(0, PIXEL_NOISE, image.shape), 0, 255).round().astype(np.uint8)
+    band = _boundary_band(scene["instances"])
+    scene["label"][band] = IGNORE_INDEX
     # Renumber the instances that stayed visible to 1..K, keeping painting order.
-    visible = np.unique(instances[instances > 0])
+    visible = np.unique(scene["instances"][~band & (scene["instances"] > 0)])
     lut = np.zeros(256, np.uint8)
     lut[visible] = np.arange(1, len(visible) + 1)
-    instances = lut[instances]
-    instances[band] = IGNORE_INDEX
-    return {"image": np.clip(image, 0, 255).round().astype(np.uint8), "label": label,
-            "instances": instances, "depth": depth}
+    scene["instances"] = lut[scene["instances"]]
+    scene["instances"][band] = IGNORE_INDEX
+    return scene
 
 
 def depth_to_code(depth: np.ndarray) -> np.ndarray:
@@ -251,8 +251,8 @@ def make_synthetic(out: str | Path, num_train: int = 300, num_val: int = 60, siz
     """Generate the synthetic VOC-format set at out (atomically); a no-op if it already matches."""
     out = Path(out)
     params = {"num_train": num_train, "num_val": num_val, "size": size, "seed": seed, "version": GENERATOR_VERSION}
-    if num_train < 1 or num_val < 1 or size < 16:
-        raise ValueError(f"need num_train >= 1, num_val >= 1 and size >= 16, got {params}")
+    if num_train < 1 or num_val < 1 or size < MIN_SIZE:
+        raise ValueError(f"need num_train >= 1, num_val >= 1 and size >= {MIN_SIZE}, got {params}")
     existing = _read_params(out)
     if existing == params:
         return out

@@ -1,0 +1,179 @@
+"""Tests for the synthetic VOC-format demo set (data/synthetic.py, tools/make_synthetic.py)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import data.synthetic as synthetic
+from data.synthetic import VOC_CLASSES, VOC_PALETTE, make_synthetic
+
+REPO = Path(__file__).resolve().parents[1]
+PARAMS = {"num_train": 8, "num_val": 4, "size": 64, "seed": 0}
+SUBDIRS = ("JPEGImages", "SegmentationClass", "SegmentationObject", "PseudoDepth")
+PNG_BIT_DEPTH_OFFSET = 24  # IHDR: 8 signature + 8 chunk header + 4 width + 4 height
+INFORMATIVE_RATIO = 100  # depth jump across label changes vs within a label
+PAIR_GAP = 3  # pixels; crosses the 2 px ignore band that separates differently labelled pixels
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One small generated set shared by the read-only tests."""
+    return make_synthetic(tmp_path_factory.mktemp("syn") / "set", **PARAMS)
+
+
+def ids(root: Path, split: str) -> list[str]:
+    """Return the ids listed for a split."""
+    return (root / "ImageSets/Segmentation" / f"{split}.txt").read_text().split()
+
+
+def file_bytes(root: Path) -> dict[str, bytes]:
+    """Return every file of a set keyed by relative path."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_palette_and_classes() -> None:
+    assert len(VOC_PALETTE) == 256 * 3
+    assert VOC_PALETTE[3:6] == [128, 0, 0]  # aeroplane
+    assert VOC_PALETTE[15 * 3:16 * 3] == [192, 128, 128]  # person
+    assert VOC_PALETTE[255 * 3:] == [224, 224, 192]  # boundary
+    assert len(VOC_CLASSES) == 21 and VOC_CLASSES[0] == "background" and VOC_CLASSES[15] == "person"
+
+
+def test_layout_and_lists(root: Path) -> None:
+    train, val = ids(root, "train"), ids(root, "val")
+    assert train == [f"syn_train_{i:05d}" for i in range(PARAMS["num_train"])]
+    assert val == [f"syn_val_{i:05d}" for i in range(PARAMS["num_val"])]
+    assert ids(root, "trainval") == train + val
+    suffix = {"JPEGImages": ".jpg"}
+    for sub in SUBDIRS:
+        names = sorted(p.name for p in (root / sub).iterdir() if p.name != "meta.json")
+        assert names == sorted(f"{i}{suffix.get(sub, '.png')}" for i in train + val)
+    meta = json.loads((root / "PseudoDepth/meta.json").read_text())
+    assert meta["model"] == "synthetic-ground-truth" and meta["native_output"] == "metric_depth"
+    assert meta["count"] == len(train) + len(val)
+    assert json.loads((root / "SYNTHETIC.json").read_text()) == {**PARAMS, "version": synthetic.GENERATOR_VERSION}
+    assert [p.name for p in root.parent.iterdir()] == ["set"]  # no temporary sibling left behind
+
+
+def test_images_and_labels(root: Path) -> None:
+    size = PARAMS["size"]
+    for name in ids(root, "trainval"):
+        image = Image.open(root / "JPEGImages" / f"{name}.jpg")
+        assert image.mode == "RGB" and image.size == (size, size)
+        label_png = Image.open(root / "SegmentationClass" / f"{name}.png")
+        object_png = Image.open(root / "SegmentationObject" / f"{name}.png")
+        for png in (label_png, object_png):
+            assert png.mode == "P" and png.size == (size, size)
+            assert png.getpalette() == VOC_PALETTE
+        label, objects = np.asarray(label_png), np.asarray(object_png)
+        assert set(np.unique(label)) <= set(range(21)) | {255}
+        assert (label > 0).any() and (label == 0).any() and (label == 255).any()
+        # The boundary band is the same in both maps; instances cover exactly the foreground.
+        np.testing.assert_array_equal(label == 255, objects == 255)
+        np.testing.assert_array_equal((label > 0) & (label < 255), (objects > 0) & (objects < 255))
+        instance_ids = sorted(set(np.unique(objects)) - {0, 255})
+        assert instance_ids == list(range(1, len(instance_ids) + 1))
+        for k in instance_ids:  # every instance has one class
+            assert len(np.unique(label[objects == k])) == 1
+
+
+def test_depth_pngs(root: Path) -> None:
+    for name in ids(root, "trainval"):
+        path = root / "PseudoDepth" / f"{name}.png"
+        raw = path.read_bytes()
+        assert raw[PNG_BIT_DEPTH_OFFSET] == 16 and raw[PNG_BIT_DEPTH_OFFSET + 1] == 0  # 16-bit greyscale
+        depth = np.asarray(Image.open(path)).astype(np.int64)
+        assert depth.shape == (PARAMS["size"],) * 2
+        assert depth.min() == 0 and depth.max() == 65535
+        label = np.asarray(Image.open(root / "SegmentationClass" / f"{name}.png"))
+        # Inverse depth: objects (near) get larger codes than the background (far).
+        assert depth[(label > 0) & (label < 255)].mean() > depth[label == 0].mean()
+
+
+def test_depth_is_informative_of_segmentation(root: Path) -> None:
+    same, change = [], []
+    for name in ids(root, "trainval"):
+        label = np.asarray(Image.open(root / "SegmentationClass" / f"{name}.png"))
+        depth = np.asarray(Image.open(root / "PseudoDepth" / f"{name}.png")).astype(np.float64) / 65535
+        left, right = label[:, :-PAIR_GAP], label[:, PAIR_GAP:]
+        diff = np.abs(depth[:, :-PAIR_GAP] - depth[:, PAIR_GAP:])
+        valid = (left != 255) & (right != 255)
+        same.append(diff[valid & (left == right)])
+        change.append(diff[valid & (left != right)])
+    same, change = np.concatenate(same), np.concatenate(change)
+    assert len(change) > 0 and len(same) > 0
+    # Measured ~1500x; the 100x bar fails for objects with steep depth slopes or noisy depth.
+    assert change.mean() > INFORMATIVE_RATIO * same.mean()
+
+
+def test_deterministic(root: Path, tmp_path: Path) -> None:
+    again = make_synthetic(tmp_path / "again", **PARAMS)
+    assert file_bytes(again) == file_bytes(root)
+    other = make_synthetic(tmp_path / "other", **{**PARAMS, "seed": 1})
+    first = "JPEGImages/syn_train_00000.jpg"
+    assert (other / first).read_bytes() != (root / first).read_bytes()
+
+
+def test_idempotent_and_mismatch(tmp_path: Path) -> None:
+    out = make_synthetic(tmp_path / "set", **PARAMS)
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    assert make_synthetic(out, **PARAMS) == out
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == stamps
+    with pytest.raises(ValueError, match="overwrite"):
+        make_synthetic(out, **{**PARAMS, "seed": 5})
+    make_synthetic(out, **{**PARAMS, "num_val": 2, "seed": 5}, overwrite=True)
+    assert json.loads((out / "SYNTHETIC.json").read_text())["seed"] == 5
+    assert len(ids(out, "val")) == 2 and len(list((out / "JPEGImages").iterdir())) == PARAMS["num_train"] + 2
+    assert [p.name for p in tmp_path.iterdir()] == ["set"]
+
+
+def test_refuses_foreign_folder(tmp_path: Path) -> None:
+    (tmp_path / "mine.txt").write_text("user data")
+    with pytest.raises(FileExistsError):
+        make_synthetic(tmp_path, **PARAMS, overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]
+
+
+def test_killed_generation_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = synthetic._render_scene
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(synthetic, "_render_scene", failing)
+    with pytest.raises(KeyboardInterrupt):
+        make_synthetic(tmp_path / "set", **PARAMS)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli(tmp_path: Path) -> None:
+    out = tmp_path / "cli"
+    cmd = [sys.executable, "tools/make_synthetic.py", "--out", str(out), "--num-train", "3", "--num-val", "2",
+           "--size", "32", "--seed", "7"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert len(ids(out, "train")) == 3 and len(ids(out, "val")) == 2
+    assert Image.open(out / "JPEGImages/syn_val_00001.jpg").size == (32, 32)
+    assert json.loads((out / "SYNTHETIC.json").read_text())["seed"] == 7
+
+
+
+def test_cli_parser_and_clash(tmp_path: Path) -> None:
+    from tools.make_synthetic import get_args_parser, main
+
+    args = get_args_parser().parse_args(["--out", str(tmp_path / "set")])
+    assert (args.num_train, args.num_val, args.size, args.seed, args.overwrite) == (300, 60, 128, 0, False)
+    small = ["--out", str(tmp_path / "set"), "--num-train", "2", "--num-val", "1", "--size", "32"]
+    main(get_args_parser().parse_args(small))
+    with pytest.raises(ValueError, match="overwrite"):
+        main(get_args_parser().parse_args(small + ["--seed", "1"]))
+    main(get_args_parser().parse_args(small + ["--seed", "1", "--overwrite"]))
+    assert json.loads((tmp_path / "set/SYNTHETIC.json").read_text())["seed"] == 1
