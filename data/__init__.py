@@ -30,8 +30,8 @@ PRESETS = {
 
 
 def prepare_root(dataset: str, data_root: str | Path) -> Path:
-    """The dataset folder; the synthetic set is generated on first use."""
-    if dataset == "synthetic":
+    """The dataset folder; the synthetic set is generated on first use (an existing one is used as it is)."""
+    if dataset == "synthetic" and not (Path(data_root) / "SYNTHETIC.json").is_file():
         from data.synthetic import make_synthetic
 
         return make_synthetic(data_root)

@@ -1,0 +1,116 @@
+"""End to end: every schedule trains on the synthetic set; stage mechanics; two real CPU ranks."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+import train
+from data import PRESETS
+from models import FocalLoss, ModelConfig, build_model, load_model
+from models.checkpoint import TrainState
+from models.model import MultiDecoderModel
+from schedules import SCHEDULES, get_schedule
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--encoder", "resnet18", "--crop-size", "64", "--base-size", "64", "--batch-size", "4",
+        "--stage-epochs", "1", "--max-steps-per-epoch", "2", "--workers", "0", "--val-batch-size", "4"]
+CONTRACT_KEYS = {"mIoU", "fg_mIoU", "pixel_acc", "iIoU"}
+
+
+def parse(root, out, *extra):
+    return train.get_args_parser().parse_args(["--data-root", str(root), "--output-dir", str(out), *TINY, *extra])
+
+
+@pytest.mark.parametrize("copy", [False, True], ids=["plain", "copy"])
+@pytest.mark.parametrize("schedule", sorted(SCHEDULES))
+def test_every_schedule_trains_end_to_end(schedule, copy, tiny_voc, tmp_path, fresh_accelerate, monkeypatch):
+    copies = []
+    real_copy = MultiDecoderModel.copy_decoder
+
+    def checked_copy(self, src, dst):
+        names = real_copy(self, src, dst)
+        a, b = self.decoders[src].state_dict(), self.decoders[dst].state_dict()
+        copies.append((src, dst, all(torch.equal(a[k], b[k]) for k in a), len(names) == len(a)))
+        return names
+
+    monkeypatch.setattr(MultiDecoderModel, "copy_decoder", checked_copy)
+    out = tmp_path / "run"
+    train.main(parse(tiny_voc, out, "--schedule", schedule, *(["--copy-weights"] if copy else [])))
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert CONTRACT_KEYS <= set(metrics)
+    assert all(0.0 <= metrics[k] <= 1.0 for k in CONTRACT_KEYS)
+    lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [line["stage_name"] for line in lines] == schedule.split("_")  # one epoch per stage
+    assert all(line["steps"] == 2 for line in lines)
+    assert (out / "checkpoints/last/model.safetensors").is_file() and (out / "checkpoints/best").is_dir()
+    assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
+    tasks = load_model(out / "checkpoints" / "last").tasks
+    assert tasks == (("seg",) if schedule == "s" else ("seg", "depth"))
+    expected = {"s_b": [("seg", "depth")], "s_d_b": [("seg", "depth")], "d_b": [("depth", "seg")],
+                "d_s_b": [("depth", "seg")]}.get(schedule, []) if copy else []
+    assert [(s, d) for s, d, _, _ in copies] == expected
+    assert all(equal and complete for _, _, equal, complete in copies)
+
+
+def test_decoder_outside_a_stage_is_bit_identical_and_gets_no_gradient(tiny_voc, tmp_path, fresh_accelerate):
+    args = parse(tiny_voc, tmp_path)
+    accelerator = Accelerator(cpu=True)
+    loaders = train.get_dataloaders(args, PRESETS["synthetic"], tiny_voc, True, 4, 64)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(encoder="resnet18"))
+    depth_before = {k: v.clone() for k, v in model.state_dict().items() if ".depth" in k}
+    seg_before = {k: v.clone() for k, v in model.state_dict().items() if ".seg" in k}
+    stage = get_schedule("d_s_b", [1])[1]  # the "s" stage
+    model, optimizer, train_dl, _ = train.setup_stage(accelerator, model, stage, args, *loaders)
+    state = TrainState(steps_per_epoch=2)
+    train.train_one_epoch(model, optimizer, train_dl, accelerator, stage, FocalLoss(), state, args, lambda: None)
+    m = accelerator.unwrap_model(model)
+    after = m.state_dict()
+    assert state.step == 2 and state.global_step == 2
+    assert all(torch.equal(depth_before[k], after[k]) for k in depth_before)  # weights and BN buffers
+    assert all(p.grad is None for n, p in m.named_parameters() if ".depth" in n)
+    assert any(not torch.equal(seg_before[k], after[k]) for k in seg_before)  # the stage did train
+    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {
+        id(p) for n, p in m.named_parameters() if ".depth" not in n
+    }
+
+
+def test_two_cpu_ranks_split_the_epoch_and_count_validation_once(tiny_voc, tmp_path, fresh_accelerate):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+           str(REPO / "train.py"), "--data-root", str(tiny_voc), "--output-dir", str(out), "--schedule", "s_b",
+           "--encoder", "resnet18", "--crop-size", "64", "--base-size", "64", "--batch-size", "2",
+           "--stage-epochs", "1", "--workers", "0", "--val-batch-size", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "run_config.json").read_text())["world_size"] == 2
+    lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    # 16 training images, batch 2 per rank: one process would take 8 steps, each of two ranks 4
+    assert [line["steps"] for line in lines] == [4, 4] and all(line["world_size"] == 2 for line in lines)
+    ddp_confmat = torch.tensor(json.loads((out / "metrics.json").read_text())["confusion_matrix"])
+
+    accelerator = Accelerator(cpu=True)
+    args = parse(tiny_voc, tmp_path / "eval", "--val-batch-size", "1")
+    _, val_loader = train.get_dataloaders(args, PRESETS["synthetic"], tiny_voc, True, 2, 64)
+    model = load_model(out / "checkpoints" / "last").to(memory_format=torch.channels_last)
+    model, val_loader = accelerator.prepare(model, val_loader)
+    single = train.evaluate(model, val_loader, accelerator, 21, ("seg", "depth"))
+    assert ddp_confmat.sum() == torch.tensor(single["confusion_matrix"]).sum() == 7 * 64 * 64 - ddp_ignored(tiny_voc)
+    assert torch.equal(ddp_confmat, torch.tensor(single["confusion_matrix"]))
+
+
+def ddp_ignored(root) -> int:
+    """Pixels labelled 255 in the val split (not counted by the confusion matrix)."""
+    import numpy as np
+    from PIL import Image
+
+    ids = (Path(root) / "ImageSets/Segmentation/val.txt").read_text().split()
+    return sum(int((np.array(Image.open(Path(root) / "SegmentationClass" / f"{i}.png")) == 255).sum()) for i in ids)
