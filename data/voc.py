@@ -1,4 +1,5 @@
 """PASCAL VOC 2012 segmentation in its distributed layout, with optional instances and pseudo depth."""
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +44,7 @@ def read_split(root: Path, split: str) -> list[str]:
 
 def depth_fix_command(root: Path, split: str) -> str:
     """The command that writes the missing pseudo depth maps."""
-    return f"python tools/make_depth.py --data-root {root} --split {split}"
+    return f"python tools/make_depth.py --data-root {shlex.quote(str(root))} --split {shlex.quote(split)}"
 
 
 def check_files(root: Path, ids: list[str], split: str, need_depth: bool) -> None:

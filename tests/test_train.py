@@ -114,3 +114,22 @@ def ddp_ignored(root) -> int:
 
     ids = (Path(root) / "ImageSets/Segmentation/val.txt").read_text().split()
     return sum(int((np.array(Image.open(Path(root) / "SegmentationClass" / f"{i}.png")) == 255).sum()) for i in ids)
+
+
+def test_missing_pseudo_depth_fails_before_the_first_step(tiny_voc, tmp_path, fresh_accelerate):
+    import shutil
+
+    from data import DataError
+
+    root = tmp_path / "voc"
+    shutil.copytree(tiny_voc, root)
+    ids = (root / "ImageSets/Segmentation/train.txt").read_text().split()
+    for i in ids[:5]:
+        (root / "PseudoDepth" / f"{i}.png").unlink()
+    out = tmp_path / "run"
+    with pytest.raises(DataError) as err:
+        train.main(parse(root, out, "--schedule", "d_s_b"))
+    msg = str(err.value)
+    assert "5 of 16" in msg and ids[0] in msg and f"python tools/make_depth.py --data-root {root} --split train" in msg
+    assert not (out / "checkpoints").exists() and not (out / "log.jsonl").exists()
+    train.main(parse(root, tmp_path / "seg_only", "--schedule", "s"))  # a seg-only schedule needs no depth
