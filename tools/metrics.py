@@ -6,6 +6,8 @@ pad the last batch of distributed evaluation:
 
     counts = ConfusionMatrix.batch_counts(pred, label, K)   # (B, K*K) on device
     cm.update(counts=accelerator.gather_for_metrics(counts))
+
+``SegEvaluator`` does this for all three from a model's outputs; train.py and tools/evaluate.py use it.
 """
 from __future__ import annotations
 
@@ -80,6 +82,17 @@ class ConfusionMatrix:
     def reset(self) -> None:
         """Forget everything accumulated so far."""
         self.mat = None
+
+    @staticmethod
+    def sample_miou(counts: Tensor, num_classes: int) -> Tensor:
+        """Per-image mIoU (N,) float64 from per-sample counts (N, K*K), over the classes present in that image's
+        label or prediction; NaN for an image with no labelled pixel."""
+        h = counts.reshape(-1, num_classes, num_classes).double()  # (N, K, K)
+        tp = h.diagonal(dim1=1, dim2=2)  # (N, K)
+        union = h.sum(2) + h.sum(1) - tp
+        present = union > 0
+        iou = torch.where(present, tp / union.clamp(min=1), 0.0)
+        return iou.sum(1) / present.sum(1)  # 0 / 0 = NaN when nothing is present
 
     def compute(self) -> dict:
         """Split metrics as python floats in 0..1; classes absent from label and prediction are left out of means."""
@@ -285,3 +298,54 @@ class DepthMetrics:
     def __str__(self) -> str:
         """One line of depth numbers."""
         return "  ".join(f"{k} {v:.4f}" for k, v in self.compute().items())
+
+
+class SegEvaluator:
+    """Split metrics from model outputs: confusion matrix, iIoU when batches carry instances, depth when both the
+    outputs and the batch have it. Shared by train.py's validation and tools/evaluate.py.
+
+    Each update turns the batch into fixed-size per-sample rows and reduces them through
+    ``accelerator.gather_for_metrics``, so the duplicates that pad the last batch of a distributed split are
+    dropped and every sample counts once; without an accelerator the rows are used as they are.
+    """
+
+    def __init__(self, num_classes: int, class_names: Sequence[str] | None = None):
+        self.num_classes = num_classes
+        self.confmat = ConfusionMatrix(num_classes, class_names=class_names)
+        self.iiou = InstanceIoU(num_classes)
+        self.depth = DepthMetrics()
+        self.has_instances = self.has_depth = False
+
+    def update(self, outputs: dict, batch: dict, accelerator=None) -> Tensor:
+        """Add a batch (outputs["seg"] logits or probabilities (B, K, H, W)); returns the gathered confusion rows (N, K*K)."""
+        gather = accelerator.gather_for_metrics if accelerator is not None else (lambda x: x)
+        k = self.num_classes
+        pred = outputs["seg"].argmax(1)  # (B, H, W)
+        counts = gather(ConfusionMatrix.batch_counts(pred, batch["label"], k))
+        self.confmat.update(counts=counts)
+        if "instances" in batch:
+            self.has_instances = True
+            self.iiou.update(stats=gather(InstanceIoU.sample_stats(pred, batch["label"], batch["instances"], k)))
+        if "depth" in outputs and "depth" in batch:
+            self.has_depth = True
+            self.depth.update(stats=gather(DepthMetrics.sample_stats(outputs["depth"].float(), batch["depth"])))
+        return counts
+
+    def reset(self) -> None:
+        """Forget everything accumulated so far."""
+        self.confmat.reset()
+        self.iiou.reset()
+        self.depth.reset()
+        self.has_instances = self.has_depth = False
+
+    def compute(self) -> dict:
+        """mIoU, fg_mIoU, pixel_acc, mean_acc, iou, absent_classes, confusion_matrix (nested list), iIoU and
+        depth metrics when they were measured."""
+        k = self.num_classes
+        mat = self.confmat.mat.cpu() if self.confmat.mat is not None else torch.zeros(k, k, dtype=torch.int64)
+        metrics = {**self.confmat.compute(), "confusion_matrix": mat.tolist()}
+        if self.has_instances:
+            metrics.update(self.iiou.compute())
+        if self.has_depth:
+            metrics.update(self.depth.compute())
+        return metrics

@@ -1,0 +1,325 @@
+"""Score a checkpoint on a VOC-format split: JSON report, Markdown table, confusion heat map, worst images.
+
+    python tools/evaluate.py --checkpoint runs/latest --data-root ~/data/VOCdevkit --split val
+    python tools/evaluate.py --checkpoint runs/latest/checkpoints/best --data-root ~/data/VOCdevkit \\
+        --flip --scales 0.75,1,1.25 --save-worst 10 --output eval/val_tta.json
+    accelerate launch --multi_gpu --num_processes 8 tools/evaluate.py --checkpoint ... --data-root ...
+
+Every image is predicted alone at its label's original resolution (images of one size share a forward
+pass), so the numbers do not depend on --batch-size or the number of processes. Metrics come from
+tools/metrics.py, the code train.py's validation uses; README "Evaluation and metric conventions".
+"""
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so that `python tools/evaluate.py` finds the repo
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from PIL import Image, ImageDraw, ImageFont
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from data import VOCSegmentation, collate, get_transform
+from data.synthetic import VOC_CLASSES
+from data.visualize import colorize_label, denormalize, to_palette_png
+from data.voc import depth_fix_command, resolve_voc_root
+from models import load_model
+from models.checkpoint import resolve_checkpoint
+from tools.metrics import ConfusionMatrix, SegEvaluator
+
+CELL = 24  # heat map cell, pixels
+HEAT_LOW, HEAT_HIGH, HEAT_ABSENT = (255, 255, 255), (8, 48, 107), (200, 200, 200)  # white -> dark blue; no GT: grey
+OVERLAY_ALPHA = 0.6  # class colour over the photo; background pixels keep the photo
+
+
+class EvalSet(Dataset):
+    """The first `count` samples of a dataset, each tagged with its index (gathered to name per-image scores)."""
+
+    def __init__(self, dataset: VOCSegmentation, count: int | None = None):
+        self.dataset = dataset
+        self.ids = dataset.ids[: count or len(dataset)]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, idx: int) -> dict:
+        return {**self.dataset[idx], "index": idx}
+
+
+def collate_eval(samples: list[dict]) -> dict:
+    """data.collate plus each sample's index and original size (B, 2) as (h, w)."""
+    out = collate(samples)
+    out["index"] = torch.tensor([s["index"] for s in samples])
+    out["size"] = torch.tensor([tuple(s["image"].shape[-2:]) for s in samples])
+    return out
+
+
+def predict_same_size(model, x: torch.Tensor, tasks: tuple[str, ...], scales, flip: bool) -> dict:
+    """Softmax (B, K, h, w) and depth (B, 1, h, w) of images of one size, averaged over scales and flips."""
+    size = x.shape[-2:]
+    sums, n = {}, 0
+    for s in scales:
+        xs = x if s == 1 else F.interpolate(x, size=[max(1, round(d * s)) for d in size], mode="bilinear", align_corners=False)
+        for flipped in (False, True) if flip else (False,):
+            out = model((xs.flip(-1) if flipped else xs).contiguous(memory_format=torch.channels_last), tasks=tasks)
+            out = {k: v.float().softmax(1) if k == "seg" else v.float() for k, v in out.items()}
+            for key, v in out.items():
+                v = v.flip(-1) if flipped else v
+                if v.shape[-2:] != size:  # back to the label's resolution
+                    v = F.interpolate(v, size=size, mode="bilinear", align_corners=False)
+                sums[key] = sums.get(key, 0) + v
+            n += 1
+    return {k: v / n for k, v in sums.items()}
+
+
+def predict(model, batch: dict, tasks: tuple[str, ...], scales=(1.0,), flip: bool = False) -> dict:
+    """Per-image predictions on the batch canvas (B, C, H, W): each image cropped to its own size first, so
+    the padding other images forced on it never reaches the model. Padding: probability 0, depth NaN."""
+    image, sizes = batch["image"], [tuple(s) for s in batch["size"].tolist()]
+    b, _, height, width = image.shape
+    out = {}
+    for h, w in sorted(set(sizes)):
+        idx = torch.tensor([i for i, s in enumerate(sizes) if s == (h, w)], device=image.device)
+        for key, v in predict_same_size(model, image[idx, :, :h, :w], tasks, scales, flip).items():
+            if key not in out:
+                out[key] = v.new_full((b, v.shape[1], height, width), 0.0 if key == "seg" else math.nan)
+            out[key][idx, :, :h, :w] = v
+    return out
+
+
+@torch.no_grad()
+def evaluate(model, loader, accelerator, num_classes: int, tasks, scales, flip) -> tuple[dict, dict[int, float]]:
+    """Split metrics and per-image mIoU by dataset index; every sample counted exactly once across processes."""
+    evaluator = SegEvaluator(num_classes)
+    rows, indices = [], []
+    for batch in tqdm(loader, desc="evaluate", disable=not accelerator.is_local_main_process):
+        with accelerator.autocast():
+            outputs = predict(model, batch, tasks, scales, flip)
+        rows.append(evaluator.update(outputs, batch, accelerator).cpu())
+        indices.append(accelerator.gather_for_metrics(batch["index"]).cpu())
+    index = torch.cat(indices)
+    expected = len(loader.dataset)
+    if sorted(index.tolist()) != list(range(expected)):
+        raise RuntimeError(f"evaluation saw {index.numel()} samples ({index.unique().numel()} distinct), "
+                           f"expected {expected} once each")
+    per_image = ConfusionMatrix.sample_miou(torch.cat(rows), num_classes)
+    return evaluator.compute(), dict(zip(index.tolist(), per_image.tolist()))
+
+
+def finite_or_none(x):
+    """NaN/inf -> None, recursively, so the report is valid JSON."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: finite_or_none(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [finite_or_none(v) for v in x]
+    return x
+
+
+def build_report(metrics: dict, per_image: dict, ids: list[str], names: list[str], notes: list[str], settings: dict) -> dict:
+    """The JSON report: overall numbers, per class, absent classes, per image, confusion matrix, settings."""
+    mat = np.asarray(metrics["confusion_matrix"])
+    per_class = []
+    for c, name in enumerate(names):
+        row = {"id": c, "name": name, "iou": metrics["iou"][c],
+               "gt_pixels": int(mat[c].sum()), "pred_pixels": int(mat[:, c].sum())}
+        if "iiou_per_class" in metrics:
+            row["iiou"] = metrics["iiou_per_class"][c]
+        per_class.append(row)
+    overall = ["mIoU", "fg_mIoU", "iIoU", "pixel_acc", "mean_acc", "depth_mse", "depth_rmse", "depth_absrel", "depth_delta1"]
+    report = {k: metrics[k] for k in overall if k in metrics}
+    report.update(
+        iIoU_available="iIoU" in metrics,
+        absent_classes=[{"id": c, "name": names[c]} for c in metrics["absent_classes"]],
+        per_class=per_class,
+        per_image_mIoU={ids[i]: v for i, v in sorted(per_image.items())},
+        confusion_matrix=metrics["confusion_matrix"],
+        notes=notes,
+        settings=settings,
+    )
+    return finite_or_none(report)
+
+
+def pct(v) -> str:
+    """A 0..1 value as a percentage, or a dash."""
+    return "–" if v is None else f"{100 * v:.2f}"
+
+
+def markdown_table(report: dict) -> str:
+    """Overall metrics, then one row per class (IoU, iIoU when available, pixel counts), then notes."""
+    s = report["settings"]
+    lines = [f"# {s['checkpoint']} on {s['split']} ({s['num_images']} of {s['split_size']} images)", "",
+             "| metric | value |", "|---|---|"]
+    for key, label in [("mIoU", "mIoU (%)"), ("fg_mIoU", "fg_mIoU (%)"), ("iIoU", "iIoU (%)"),
+                       ("pixel_acc", "pixel accuracy (%)"), ("mean_acc", "mean class accuracy (%)")]:
+        if key in report:
+            lines.append(f"| {label} | {pct(report[key])} |")
+    if not report["iIoU_available"]:
+        lines.append("| iIoU | not available (no instance masks) |")
+    for key in ("depth_mse", "depth_rmse", "depth_absrel", "depth_delta1"):
+        if key in report:
+            lines.append(f"| {key} | {'–' if report[key] is None else f'{report[key]:.4f}'} |")
+    iiou = report["iIoU_available"]
+    lines += ["", "| id | class | IoU (%) |" + (" iIoU (%) |" if iiou else "") + " GT pixels | predicted pixels |",
+              "|---:|---|---:|" + ("---:|" if iiou else "") + "---:|---:|"]
+    for r in report["per_class"]:
+        iou = "absent" if r["iou"] is None else pct(r["iou"])
+        lines.append(f"| {r['id']} | {r['name']} | {iou} |" + (f" {pct(r.get('iiou'))} |" if iiou else "")
+                     + f" {r['gt_pixels']} | {r['pred_pixels']} |")
+    tta = f"flip {'on' if s['flip'] else 'off'}, scales {','.join(map(str, s['scales']))}"
+    lines += ["", f"Settings: {tta}, world size {s['world_size']}."] + [f"- {n}" for n in report["notes"]]
+    if report["absent_classes"]:
+        absent = ", ".join(c["name"] for c in report["absent_classes"])
+        lines.append(f"- absent from label and prediction over the whole split, left out of the means: {absent}")
+    return "\n".join(lines) + "\n"
+
+
+def confusion_image(mat, names: list[str]) -> Image.Image:
+    """Row-normalised confusion matrix as a labelled heat map (rows: ground truth, columns: prediction)."""
+    m = np.asarray(mat, dtype=np.float64)
+    rows = m.sum(1, keepdims=True)
+    norm = np.divide(m, rows, out=np.zeros_like(m), where=rows > 0)  # (K, K)
+    low, high = np.array(HEAT_LOW, float), np.array(HEAT_HIGH, float)
+    rgb = low + norm[..., None] * (high - low)  # (K, K, 3)
+    rgb[rows[:, 0] == 0] = HEAT_ABSENT
+    cells = np.repeat(np.repeat(np.round(rgb).astype(np.uint8), CELL, 0), CELL, 1)
+    cells[::CELL, :], cells[:, ::CELL] = HEAT_ABSENT, HEAT_ABSENT  # grid lines
+    font = ImageFont.load_default()
+    draw_probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    labels = [f"{c} {n}" for c, n in enumerate(names)]
+    left = int(max(draw_probe.textlength(t, font=font) for t in labels)) + 8
+    top = 2 * CELL
+    img = Image.new("RGB", (left + cells.shape[1] + 4, top + cells.shape[0] + 4), "white")
+    img.paste(Image.fromarray(cells), (left, top))
+    draw = ImageDraw.Draw(img)
+    draw.rectangle([left, top, left + cells.shape[1], top + cells.shape[0]], outline=HEAT_ABSENT)
+    draw.text((4, 4), "rows: ground truth, columns: prediction, % of each row's pixels", fill="black", font=font)
+    for c, text in enumerate(labels):
+        draw.text((4, top + c * CELL + CELL // 2), text, fill="black", font=font, anchor="lm")
+        draw.text((left + c * CELL + CELL // 2, top - CELL // 2), str(c), fill="black", font=font, anchor="mm")
+    for (r, c), v in np.ndenumerate(norm):
+        if v >= 0.005:
+            draw.text((left + c * CELL + CELL // 2, top + r * CELL + CELL // 2), str(round(100 * v)),
+                      fill="white" if v > 0.5 else "black", font=font, anchor="mm")
+    return img
+
+
+def overlay(image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """(3, H, W) uint8 photo with the VOC colours of `label` blended over its non-background pixels."""
+    colour = colorize_label(label).float()
+    blend = (1 - OVERLAY_ALPHA) * image.float() + OVERLAY_ALPHA * colour
+    return torch.where((label.cpu() != 0)[None], blend, image.float()).to(torch.uint8)
+
+
+@torch.no_grad()
+def save_worst(model, dataset: EvalSet, per_image: dict, n: int, out_dir: Path, tasks, scales, flip, device) -> list:
+    """Panels (photo | label overlay | prediction overlay) and palette predictions of the n lowest-mIoU images."""
+    scored = sorted((v, i) for i, v in per_image.items() if not math.isnan(v))[:n]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    worst = []
+    for rank, (score, idx) in enumerate(scored):
+        sample = collate_eval([dataset[idx]])
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in sample.items()}
+        h, w = sample["size"][0].tolist()  # collate padded the canvas to a multiple of 32
+        pred = predict(model, batch, tasks, scales, flip)["seg"][0, :, :h, :w].argmax(0).cpu()  # (h, w)
+        image, label, name = denormalize(sample["image"][0, :, :h, :w]), sample["label"][0, :h, :w], dataset.ids[idx]
+        panel = torch.cat([image, overlay(image, label), overlay(image, pred)], dim=2)
+        stem = f"{rank:03d}_{name}"
+        Image.fromarray(panel.permute(1, 2, 0).numpy()).save(out_dir / f"{stem}.png")
+        to_palette_png(pred).save(out_dir / f"{stem}_pred.png")
+        worst.append({"rank": rank, "id": name, "mIoU": score, "file": f"{stem}.png"})
+    return worst
+
+
+def get_dataset(root: Path, split: str, config, max_images: int | None) -> tuple[EvalSet, tuple[str, ...], list[str]]:
+    """The split at original resolution, the tasks to evaluate and notes on what cannot be measured."""
+    tasks, notes = ("seg",), []
+    if "depth" in config.tasks:
+        if (root / "PseudoDepth").is_dir():
+            tasks = ("seg", "depth")
+        else:
+            notes.append(f"depth metrics not available: no PseudoDepth/ in {root} "
+                         f"(make it with: {depth_fix_command(root, split)})")
+    base = VOCSegmentation(root, split, get_transform(False, 0, 0), "depth" in tasks, config.num_classes)
+    if not base.with_instances:
+        notes.append(f"iIoU not available: no SegmentationObject/ instance masks in {root}")
+    dataset = EvalSet(base, max_images)
+    if len(dataset) < len(base):
+        notes.append(f"subset: the first {len(dataset)} of {len(base)} images of {split!r} (--max-images)")
+    return dataset, tasks, notes
+
+
+def write_outputs(report: dict, output: Path, names: list[str]) -> None:
+    """FILE.json, FILE.md and FILE_confusion.png side by side."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=1))
+    output.with_suffix(".md").write_text(markdown_table(report))
+    confusion_image(report["confusion_matrix"], names).save(output.with_name(output.stem + "_confusion.png"))
+
+
+def main(args):
+    accelerator = Accelerator(cpu=args.cpu or not torch.cuda.is_available(), mixed_precision=args.mixed_precision)
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    model = load_model(checkpoint)
+    config = model.config
+    root = resolve_voc_root(args.data_root)
+    dataset, tasks, notes = get_dataset(root, args.split, config, args.max_images)
+    names = list(VOC_CLASSES) if config.num_classes == len(VOC_CLASSES) else [str(c) for c in range(config.num_classes)]
+    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
+                        collate_fn=collate_eval, pin_memory=torch.cuda.is_available())
+    model = model.to(accelerator.device, memory_format=torch.channels_last).eval()
+    loader = accelerator.prepare(loader)  # the model stays unwrapped: no gradients, nothing to synchronise
+    metrics, per_image = evaluate(model, loader, accelerator, config.num_classes, tasks, args.scales, args.flip)
+    settings = {"checkpoint": str(checkpoint), "data_root": str(root), "split": args.split, "split_size": len(dataset.dataset),
+                "num_images": len(dataset), "flip": args.flip, "scales": list(args.scales), "tasks": list(tasks),
+                "batch_size": args.batch_size, "world_size": accelerator.num_processes,
+                "mixed_precision": accelerator.mixed_precision, "model": {**vars(config)}}
+    report = build_report(metrics, per_image, dataset.ids, names, notes, settings)
+    output = Path(args.output) if args.output else checkpoint / f"eval_{args.split}.json"
+    if accelerator.is_main_process:
+        if args.save_worst:
+            report["worst_images"] = finite_or_none(save_worst(model, dataset, per_image, args.save_worst,
+                                                               output.with_name(output.stem + "_worst"), tasks,
+                                                               args.scales, args.flip, accelerator.device))
+        write_outputs(report, output, names)
+        accelerator.print(markdown_table(report) + f"\nreport: {output}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return report
+
+
+def parse_scales(text: str) -> tuple[float, ...]:
+    """'0.75,1,1.25' -> (0.75, 1.0, 1.25); every scale positive."""
+    scales = tuple(float(x) for x in text.split(","))
+    if not scales or min(scales) <= 0:
+        raise argparse.ArgumentTypeError(f"scales must be positive numbers, got {text!r}")
+    return scales
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description="Evaluate a segmentation checkpoint on a VOC-format split", add_help=True)
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder (model.safetensors + config.json) or a run folder")
+    p.add_argument("--data-root", required=True, help="VOCdevkit/VOC2012 or a folder above it")
+    p.add_argument("--split", default="val", help="ImageSets/Segmentation/<split>.txt")
+    p.add_argument("--output", default=None, help="report FILE.json; FILE.md, FILE_confusion.png and FILE_worst/ go beside it "
+                                                   "(default: <checkpoint>/eval_<split>.json)")
+    p.add_argument("--flip", action="store_true", help="test-time augmentation: also predict the mirrored image")
+    p.add_argument("--scales", type=parse_scales, default=(1.0,), help="test-time scales, e.g. 0.75,1,1.25 (softmax averaged)")
+    p.add_argument("--save-worst", type=int, default=0, help="write colour overlays of the N lowest per-image mIoU images")
+    p.add_argument("--max-images", type=int, default=None, help="evaluate only the first N images of the split (quick checks)")
+    p.add_argument("--batch-size", type=int, default=4, help="images per process per step (does not change the results)")
+    p.add_argument("--workers", type=int, default=2, help="data loading workers per process")
+    p.add_argument("--mixed-precision", default=None, choices=["no", "fp16", "bf16"], help="default: accelerate launch's setting")
+    p.add_argument("--cpu", action="store_true", help="evaluate on the CPU even when a GPU is present")
+    return p
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
