@@ -1,0 +1,181 @@
+"""Deployment: the seg-only model, its cost, TorchScript and ONNX export, parity checks, inference."""
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision import tv_tensors
+
+from data.transforms import SIZE_DIVISOR, get_transform, pad_to
+from models.checkpoint import drop_decoders, load_model
+from models.model import MultiDecoderModel
+
+TORCHSCRIPT_NAME = "model.pt"
+ONNX_NAME = "model.onnx"
+INPUT_NAME, OUTPUT_NAME = "image", "logits"
+# trace/export input; batch 2 because torch.export specialises a dimension of size 1 to a constant
+EXAMPLE_SHAPE = (2, 3, 64, 64)
+LEGACY_OPSET = 17
+PARITY_SEED = 0
+EVAL_TRANSFORM = get_transform(train=False, base_size=0, crop_size=0)  # sizes are unused at evaluation
+Predictor = Callable[[Tensor], dict[str, Tensor]]
+
+
+class SegLogits(nn.Module):
+    """The model as a plain function: image (B, 3, H, W) -> seg logits (B, num_classes, H, W)."""
+
+    def __init__(self, model: MultiDecoderModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: Tensor) -> Tensor:
+        return self.model(image, ("seg",))["seg"]
+
+
+def seg_only(model: MultiDecoderModel) -> MultiDecoderModel:
+    """The deployment model: encoder + seg decoder and head, the depth decoder dropped (eval mode)."""
+    if "seg" not in model.tasks:
+        raise ValueError(f"the model has no seg decoder (tasks {model.tasks}); nothing to deploy")
+    return drop_decoders(model, ("seg",)).eval()
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of learnable parameters (BatchNorm running statistics excluded)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def count_flops(model: MultiDecoderModel, size: tuple[int, int]) -> int:
+    """FLOPs of one forward of every decoder the model has, on one image (a multiply-add counts 2)."""
+    device = next(model.parameters()).device
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(torch.zeros(1, 3, *size, device=device))
+    return counter.get_total_flops()
+
+
+def export_torchscript(module: nn.Module, path: Path) -> None:
+    """Trace on CPU; shapes are read with aten::size in the trace, so other sizes and batches work."""
+    with warnings.catch_warnings():
+        # trace is deprecated in favour of torch.export, but TorchScript is what C++/mobile users load
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace.*deprecated", category=FutureWarning)
+        with torch.no_grad():
+            # check_trace re-runs the model twice; check_parity compares the saved file on other sizes instead
+            traced = torch.jit.trace(module.cpu().eval(), torch.randn(EXAMPLE_SHAPE), check_trace=False)
+    traced.save(str(path))
+
+
+def load_torchscript(path: Path, device: str = "cpu") -> torch.jit.ScriptModule:
+    """torch.jit.load without its deprecation warning (see export_torchscript)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.*deprecated", category=FutureWarning)
+        return torch.jit.load(str(path), map_location=device)
+
+
+def export_onnx(module: nn.Module, path: Path, exporter: str = "dynamo") -> None:
+    """ONNX with dynamic batch, height and width; input "image", output "logits", weights inside the file."""
+    module = module.cpu().eval()
+    example = (torch.randn(EXAMPLE_SHAPE),)
+    names = {"input_names": [INPUT_NAME], "output_names": [OUTPUT_NAME]}
+    if exporter == "dynamo":
+        dim = torch.export.Dim
+        shapes = {"image": {0: dim("batch"), 2: dim("height"), 3: dim("width")}}
+        torch.onnx.export(module, example, str(path), dynamo=True, dynamic_shapes=shapes,
+                          external_data=False, verbose=False, **names)
+    elif exporter == "legacy":
+        axes = {0: "batch", 2: "height", 3: "width"}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            torch.onnx.export(module, example, str(path), dynamo=False, opset_version=LEGACY_OPSET,
+                              dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes}, **names)
+    else:
+        raise ValueError(f"unknown ONNX exporter {exporter!r}; use dynamo or legacy")
+
+
+def onnx_session(path: Path, device: str = "cpu"):
+    """An ONNX Runtime session on CPU or CUDA, with a clear error when onnxruntime is missing."""
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise ImportError(
+            "the ONNX backend needs onnxruntime: `pip install onnxruntime` (or onnxruntime-gpu for CUDA)"
+        ) from exc
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no ONNX model here; make one with `python tools/export.py`")
+    providers = ["CPUExecutionProvider"]
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise RuntimeError("ONNX Runtime has no CUDA provider here: install onnxruntime-gpu or use --device cpu")
+        providers.insert(0, "CUDAExecutionProvider")
+    return ort.InferenceSession(str(path), providers=providers)
+
+
+def run_onnx(session, x: Tensor) -> Tensor:
+    """Logits from an ONNX Runtime session for a CPU float tensor."""
+    return torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0])
+
+
+def compare(name: str, out: Tensor, ref: Tensor, tol: float) -> dict:
+    """Max abs difference and the same relative to the logit scale (max |ref|); ok when relative <= tol."""
+    if out.shape != ref.shape:
+        raise ValueError(f"{name}: output shape {tuple(out.shape)} differs from PyTorch's {tuple(ref.shape)}")
+    diff = (out.float() - ref.float()).abs().max().item()
+    rel = diff / max(ref.abs().max().item(), torch.finfo(torch.float32).tiny)
+    return {"backend": name, "shape": list(ref.shape), "max_abs_diff": diff, "rel_diff": rel, "tol": tol,
+            "ok": rel <= tol}
+
+
+@torch.no_grad()
+def check_parity(reference: MultiDecoderModel, folder: Path, shapes: list[tuple[int, ...]],
+                 tols: dict[str, float]) -> list[dict]:
+    """Exported PyTorch (safetensors), TorchScript and ONNX Runtime files vs the reference's eager seg output."""
+    reference = reference.cpu().eval()
+    eager = load_model(folder)
+    scripted = load_torchscript(Path(folder) / TORCHSCRIPT_NAME)
+    session = onnx_session(Path(folder) / ONNX_NAME)
+    gen = torch.Generator().manual_seed(PARITY_SEED)
+    rows = []
+    for shape in shapes:
+        x = torch.randn(shape, generator=gen)
+        ref = reference(x, ("seg",))["seg"]
+        rows.append(compare("pytorch", eager(x)["seg"], ref, tols["pytorch"]))
+        rows.append(compare("torchscript", scripted(x), ref, tols["torchscript"]))
+        rows.append(compare("onnxruntime", run_onnx(session, x), ref, tols["onnxruntime"]))
+    return rows
+
+
+def preprocess(image: Tensor) -> Tensor:
+    """uint8 (3, H, W) -> (1, 3, H', W'): the validation transform, zero-padded bottom/right to a multiple of 32."""
+    x = EVAL_TRANSFORM(tv_tensors.Image(image)).as_subclass(Tensor)
+    h, w = x.shape[-2:]
+    return pad_to(x, -(-h // SIZE_DIVISOR) * SIZE_DIVISOR, -(-w // SIZE_DIVISOR) * SIZE_DIVISOR, 0.0)[None]
+
+
+
+def torch_predictor(model: MultiDecoderModel, device: str) -> Predictor:
+    """Batch -> {task: output on CPU} with every decoder the model has."""
+    model = model.to(device).eval()
+
+    @torch.inference_mode()
+    def run(x: Tensor) -> dict[str, Tensor]:
+        return {t: v.float().cpu() for t, v in model(x.to(device)).items()}
+
+    return run
+
+
+def onnx_predictor(path: Path, device: str) -> Predictor:
+    """Batch -> {"seg": logits} through ONNX Runtime."""
+    session = onnx_session(path, device)
+    return lambda x: {"seg": run_onnx(session, x)}
+
+
+def predict(run: Predictor, image: Tensor) -> dict[str, Tensor]:
+    """uint8 (3, H, W) -> {"seg": (H, W) uint8 class ids, "depth": (1, H, W) float if the model has it}."""
+    h, w = image.shape[-2:]
+    out = run(preprocess(image))
+    result = {"seg": out["seg"][0, :, :h, :w].argmax(0).to(torch.uint8)}
+    if "depth" in out:
+        result["depth"] = out["depth"][0, :, :h, :w]
+    return result

@@ -1,0 +1,144 @@
+"""Export the deployment model: the training checkpoint without its depth decoder, as an ordinary seg model.
+
+    python tools/export.py --checkpoint runs/latest --out exported/
+    python tools/export.py --checkpoint runs/latest/checkpoints/last --out exported/ --flops-size 480x640
+
+Writes to --out: `model.safetensors` + `config.json` (loadable with models.load_model), `model.pt`
+(TorchScript) and `model.onnx` (input "image" (B, 3, H, W), output "logits" (B, 21, H, W), batch,
+height and width dynamic), and `export.json` (cost and parity numbers). Prints the parameters and
+FLOPs of the full and the exported model, then checks that all three files give the seg logits of
+the checkpoint's model in PyTorch eager and fails, leaving --out unchanged, when they do not.
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models.checkpoint import load_model, resolve_checkpoint, save_model  # noqa: E402
+from models.deploy import (  # noqa: E402
+    ONNX_NAME, TORCHSCRIPT_NAME, SegLogits, check_parity, count_flops, count_params, export_onnx,
+    export_torchscript, seg_only,
+)
+
+IN_CHANNELS = 3
+REPORT_NAME = "export.json"
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """`512` -> (512, 512); `480x640` -> (480, 640) as height x width."""
+    try:
+        parts = [int(p) for p in text.lower().split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (1, 2) or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"size {text!r}: expected S or HxW with positive integers")
+    return (parts[0], parts[-1])
+
+
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    """`512x512,67x71` -> [(512, 512), (67, 71)]."""
+    return [parse_size(t) for t in text.split(",") if t]
+
+
+def cost_report(full, slim, size: tuple[int, int]) -> dict:
+    """Parameters and per-image FLOPs of the full (training) and exported model, printed and returned."""
+    report = {
+        "flops_size": list(size),
+        "params": {"full": count_params(full), "exported": count_params(slim)},
+        "flops": {"full": count_flops(full, size), "exported": count_flops(slim, size)},
+    }
+    header = f"{'':10s}{'tasks':>14s}{'parameters':>14s}{'GFLOPs':>10s}"
+    print(f"{header}   (one {size[0]}x{size[1]} image; a multiply-add counts 2)")
+    for name, model in (("full", full), ("exported", slim)):
+        tasks = "+".join(model.tasks)
+        print(f"{name:10s}{tasks:>14s}{report['params'][name]:>14,d}{report['flops'][name] / 1e9:>10.2f}")
+    return report
+
+
+def print_parity(rows: list[dict]) -> None:
+    """One line per backend and input shape."""
+    print("parity vs the checkpoint's PyTorch eager seg logits (relative = max abs diff / max |logit|):")
+    for r in rows:
+        shape = "x".join(map(str, r["shape"]))
+        flag = "ok" if r["ok"] else "FAIL"
+        print(f"  {r['backend']:12s} {shape:>16s}  max abs diff {r['max_abs_diff']:.3e}  "
+              f"relative {r['rel_diff']:.3e}  tol {r['tol']:.0e}  {flag}")
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """Move the checked files into --out (replacing older exports of the same names)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for path in tmp.iterdir():
+        os.replace(path, out / path.name)
+    tmp.rmdir()
+
+
+def check_out(out: Path, source: Path) -> None:
+    """Refuse folders where the export would replace training weights or shadow a run's checkpoints."""
+    if out.resolve() == source.resolve() or (out / "checkpoints").is_dir():
+        raise ValueError(f"--out {out} is a checkpoint or run folder; export to a folder of its own")
+
+
+def main(args: argparse.Namespace) -> None:
+    """Load, report cost, write the three formats to a temporary folder, check parity, then publish."""
+    source = resolve_checkpoint(args.checkpoint)
+    out = Path(args.out).resolve()  # `--out .` has no name to derive the temporary folder's from
+    check_out(out, source)
+    full = load_model(source)
+    slim = seg_only(full)
+    print(f"checkpoint: {source} (tasks {'+'.join(full.tasks)}, encoder {full.config.encoder})")
+    report = {"source": str(source), "onnx_exporter": args.onnx_exporter, **cost_report(full, slim, args.flops_size)}
+
+    tmp = out.parent / f".{out.name}.tmp"  # written and checked here first: --out only ever gets checked files
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(slim, tmp)
+    module = SegLogits(slim)
+    export_torchscript(module, tmp / TORCHSCRIPT_NAME)
+    export_onnx(module, tmp / ONNX_NAME, args.onnx_exporter)
+
+    shapes = [(args.check_batch, IN_CHANNELS, *s) for s in args.check_sizes]
+    tols = {"pytorch": 0.0, "torchscript": args.torchscript_tol, "onnxruntime": args.onnx_tol}
+    rows = check_parity(full, tmp, shapes, tols)
+    print_parity(rows)
+    report["parity"] = rows
+    (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2))
+    failed = [r for r in rows if not r["ok"]]
+    if failed:
+        worst = max(failed, key=lambda r: r["rel_diff"] - r["tol"])
+        raise RuntimeError(
+            f"parity check failed for {len(failed)} of {len(rows)} cases (worst: {worst['backend']} at "
+            f"{worst['shape']}, relative diff {worst['rel_diff']:.3e} > {worst['tol']:.0e}); "
+            f"the files are left in {tmp} for inspection, {out} is unchanged"
+        )
+    publish(tmp, out)
+    print(f"exported to {out}: model.safetensors, config.json, {TORCHSCRIPT_NAME}, {ONNX_NAME}, {REPORT_NAME}")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """Return the command-line parser."""
+    parser = argparse.ArgumentParser(description="Export the seg-only deployment model", add_help=True)
+    parser.add_argument("--checkpoint", required=True, metavar="PATH",
+                        help="checkpoint folder (checkpoints/last|best) or run folder (uses best, else last); required")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder; required")
+    parser.add_argument("--flops-size", default=(512, 512), type=parse_size, metavar="S|HxW",
+                        help="image size at which FLOPs are counted (default 512)")
+    parser.add_argument("--check-sizes", default=parse_sizes("512x512,67x71"), type=parse_sizes, metavar="HxW,...",
+                        help="input sizes of the parity check; keep an odd one (default 512x512,67x71)")
+    parser.add_argument("--check-batch", default=2, type=int, metavar="N",
+                        help="batch size of the parity check (default 2)")
+    parser.add_argument("--torchscript-tol", default=1e-5, type=float, metavar="TOL",
+                        help="TorchScript tolerance, max abs diff relative to max |logit| (default 1e-5)")
+    parser.add_argument("--onnx-tol", default=1e-4, type=float, metavar="TOL",
+                        help="ONNX Runtime tolerance, max abs diff relative to max |logit| (default 1e-4)")
+    parser.add_argument("--onnx-exporter", default="dynamo", choices=("dynamo", "legacy"),
+                        help="torch.onnx exporter: dynamo (torch.export based) or legacy (TorchScript based) "
+                             "(default dynamo)")
+    return parser
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

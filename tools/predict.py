@@ -1,0 +1,160 @@
+"""Segment images with an exported or a training model: VOC-palette masks, overlays and depth images.
+
+    python tools/predict.py --model exported/ --input photos/ --out predictions/
+    python tools/predict.py --model runs/latest --input a.jpg b.png --out predictions/ --overlay
+    python tools/predict.py --model exported/ --backend onnx --device cpu --input photos/ --out predictions/
+
+For each image: `<stem>.png`, the class mask as a palette PNG in the VOC colours (pixel values are
+class ids, as in SegmentationClass/), at the image's size; with --overlay `<stem>_overlay.jpg`;
+and, for a model with a depth decoder (a training checkpoint), `<stem>_depth.png` (near = bright).
+Images go through the validation transform (ImageNet mean/std), padded to a multiple of 32.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch import Tensor  # noqa: E402
+from torchvision.transforms.v2.functional import pil_to_tensor  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from data.visualize import colorize_depth, colorize_label, to_palette_png  # noqa: E402
+from data.voc import DataError  # noqa: E402
+from models.checkpoint import load_model  # noqa: E402
+from models.deploy import ONNX_NAME, Predictor, onnx_predictor, predict, seg_only, torch_predictor  # noqa: E402
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # what a folder given as --input contributes
+OVERLAY_QUALITY = 90  # JPEG quality of the overlays
+OUTPUT_SUFFIXES = (".png", "_overlay.jpg", "_depth.png")  # after the input's stem
+
+
+def list_images(inputs: list[str]) -> list[Path]:
+    """Files as given, folders expanded to their images (sorted); fails on missing paths and clashing names."""
+    files = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = sorted(p for p in item.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise FileNotFoundError(f"{item}: no {'/'.join(IMAGE_SUFFIXES)} images in this folder")
+            files += found
+        elif item.is_file():
+            files.append(item)
+        else:
+            raise FileNotFoundError(f"{item}: no such file or folder")
+    return files
+
+
+def check_outputs(files: list[Path], out: Path) -> None:
+    """No two inputs may write the same output file, and no output may replace an input."""
+    owner: dict[str, Path] = {}
+    for path in files:
+        for name in (f"{path.stem}{suffix}" for suffix in OUTPUT_SUFFIXES):
+            if name in owner:
+                raise ValueError(f"inputs {owner[name]} and {path} would both write {out / name}; rename one")
+            owner[name] = path
+    inputs = {p.resolve() for p in files}
+    clobbered = [out / name for name in owner if (out / name).resolve() in inputs]
+    if clobbered:
+        raise ValueError(f"--out {out} would overwrite the input {clobbered[0]}; choose another folder")
+
+
+def read_image(path: Path) -> Tensor:
+    """Decoded RGB image (3, H, W) uint8, as the dataset reads it."""
+    try:
+        with Image.open(path) as im:
+            return pil_to_tensor(im.convert("RGB"))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: unreadable image ({exc})") from exc
+
+
+def check_headers(files: list[Path]) -> None:
+    """Fail before any work on files that are not images at all (decoding errors are caught per image)."""
+    for path in files:
+        try:
+            with Image.open(path):
+                pass
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{path}: unreadable image ({exc})") from exc
+
+
+def resolve_device(name: str) -> str:
+    """auto -> cuda when available, else cpu; an explicit cuda without a GPU is an error."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda, but PyTorch sees no CUDA device; use --device cpu")
+    return name
+
+
+def load_predictor(model: str, backend: str, device: str, depth: bool) -> tuple[Predictor, tuple[str, ...]]:
+    """The inference function and the tasks it returns."""
+    if backend == "onnx":
+        path = Path(model)
+        return onnx_predictor(path if path.suffix == ".onnx" else path / ONNX_NAME, device), ("seg",)
+    net = load_model(model)
+    if not depth and "depth" in net.tasks:
+        net = seg_only(net)
+    return torch_predictor(net, device), net.tasks
+
+
+def blend(image: Tensor, mask: Tensor, alpha: float) -> Tensor:
+    """Class colours over the image (3, H, W) uint8; background pixels keep the image."""
+    mixed = image.float() * (1 - alpha) + colorize_label(mask).float() * alpha
+    return torch.where(mask > 0, mixed, image.float()).round().to(torch.uint8)
+
+
+def to_pil(rgb: Tensor) -> Image.Image:
+    """(3, H, W) uint8 -> PIL RGB image."""
+    return Image.fromarray(rgb.permute(1, 2, 0).contiguous().numpy())
+
+
+def save_outputs(result: dict[str, Tensor], image: Tensor, stem: str, out: Path, args: argparse.Namespace) -> None:
+    """Mask (palette PNG), optional overlay (JPEG) and depth image (PNG) of one input."""
+    to_palette_png(result["seg"]).save(out / f"{stem}.png")
+    if args.overlay:
+        to_pil(blend(image, result["seg"], args.alpha)).save(out / f"{stem}_overlay.jpg", quality=OVERLAY_QUALITY)
+    if "depth" in result:
+        to_pil(colorize_depth(result["depth"])).save(out / f"{stem}_depth.png")
+
+
+def main(args: argparse.Namespace) -> None:
+    """Predict every input image and write its outputs."""
+    files = list_images(args.input)
+    out = Path(args.out)
+    check_outputs(files, out)
+    check_headers(files)
+    device = resolve_device(args.device)
+    run, tasks = load_predictor(args.model, args.backend, device, depth=not args.no_depth)
+    print(f"model {args.model} ({args.backend} on {device}, outputs {'+'.join(tasks)}); {len(files)} images")
+    out.mkdir(parents=True, exist_ok=True)
+    for path in tqdm(files, desc="predict", unit="img"):
+        image = read_image(path)
+        save_outputs(predict(run, image), image, path.stem, out, args)
+    print(f"wrote {len(files)} masks to {out}")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """Return the command-line parser."""
+    parser = argparse.ArgumentParser(description="Predict VOC-palette masks (and depth) for images", add_help=True)
+    parser.add_argument("--model", required=True, metavar="DIR|CHECKPOINT",
+                        help="exported folder (tools/export.py), checkpoint folder or run folder; required")
+    parser.add_argument("--input", required=True, nargs="+", metavar="FILE|DIR",
+                        help="image files and/or folders (folders: *.jpg, *.jpeg, *.png); required")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder; required")
+    parser.add_argument("--overlay", action="store_true", help="also write <stem>_overlay.jpg (mask over image)")
+    parser.add_argument("--alpha", default=0.5, type=float, help="mask opacity in the overlay (default 0.5)")
+    parser.add_argument("--no-depth", action="store_true",
+                        help="skip the depth decoder of a multi-decoder checkpoint (no <stem>_depth.png)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="where to run: auto = cuda when available (default auto)")
+    parser.add_argument("--backend", default="torch", choices=("torch", "onnx"),
+                        help="torch (model.safetensors + config.json) or onnx (model.onnx, needs onnxruntime) "
+                             "(default torch)")
+    return parser
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
