@@ -7,35 +7,43 @@
 """
 import argparse
 import json
+import os
+import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from data import PRESETS, VOCSegmentation, collate, get_transform, prepare_root
+from data import PRESETS, DataError, VOCSegmentation, collate, get_transform, prepare_root
+from data.checks import check_data, skip_bad
 from data.sampler import EpochSampler, SeededDataset
 from data.visualize import log_images
 from models import FocalLoss, ModelConfig, build_model, depth_loss
-from models.checkpoint import TrainState, find_resume, save_checkpoint
+from models.checkpoint import (CheckpointError, TrainState, fault_point, find_resume, load_extra, read_checkpoint,
+                               rewind_log, save_checkpoint)
+from models.weighting import WEIGHTINGS, build_weighting, for_stage, trainable_params
 from schedules import SCHEDULES, copy_plan, get_schedule, lr_factor, schedule_tasks
-from tools.metrics import ConfusionMatrix, DepthMetrics, InstanceIoU
+from tools.metrics import SegEvaluator
 
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN/inf loss; the last checkpoint on disk is the last good state."""
 
 
-def get_dataloaders(args, preset, root: Path, need_depth: bool, batch_size: int, crop: int):
+def get_dataloaders(args, preset, root: Path, need_depth: bool, batch_size: int, crop: int, accelerator=None):
     """Train loader (deterministic order and augmentation) and val loader (original resolution)."""
-    train_set = VOCSegmentation(
-        root, preset.train_split, get_transform(True, args.base_size or preset.base_size, crop), need_depth, preset.num_classes
-    )
-    val_set = VOCSegmentation(root, preset.val_split, get_transform(False, 0, 0), need_depth, preset.num_classes)
+    check = not args.skip_bad_samples  # header checks raise on the first bad file; skipping decodes all up front
+    train_set = VOCSegmentation(root, preset.train_split, get_transform(True, args.base_size or preset.base_size, crop),
+                                need_depth, preset.num_classes, check=check)
+    val_set = VOCSegmentation(root, preset.val_split, get_transform(False, 0, 0), need_depth, preset.num_classes, check=check)
+    if args.skip_bad_samples:
+        skip_bad([train_set, val_set], args.workers, accelerator)
     common = dict(num_workers=args.workers, collate_fn=collate, pin_memory=torch.cuda.is_available(),
                   persistent_workers=args.workers > 0)
     train_loader = DataLoader(SeededDataset(train_set, args.seed), batch_size=batch_size,
@@ -44,13 +52,15 @@ def get_dataloaders(args, preset, root: Path, need_depth: bool, batch_size: int,
     return train_loader, val_loader
 
 
-def criterion(outputs: dict, batch: dict, weights: dict, focal: FocalLoss) -> tuple[torch.Tensor, dict]:
-    """Weighted sum of the stage's losses, and each term (still tensors: no host sync)."""
+def criterion(outputs: dict, batch: dict, weights: dict, focal: FocalLoss, joint=None) -> tuple[torch.Tensor, dict]:
+    """Weighted sum of the stage's losses (or `joint`'s weighting of them), and each term (tensors: no host sync)."""
     terms = {}
     if "seg" in weights:
         terms["seg"] = focal(outputs["seg"], batch["label"])
     if "depth" in weights:
         terms["depth"] = depth_loss(outputs["depth"], batch["depth"])
+    if joint is not None:  # models/weighting.py: uncertainty or DWA in place of the fixed weights
+        return joint(terms), terms
     return sum(weights[t] * terms[t] for t in terms), terms
 
 
@@ -58,39 +68,39 @@ def criterion(outputs: dict, batch: dict, weights: dict, focal: FocalLoss) -> tu
 def evaluate(model, loader, accelerator, num_classes: int, tasks: tuple[str, ...], log_step: int | None = None) -> dict:
     """Validation over the whole split; every sample counted exactly once across processes."""
     model.eval()
-    confmat = ConfusionMatrix(num_classes)
-    iiou = InstanceIoU(num_classes)
-    depth = DepthMetrics()
-    has_instances = has_depth = False
+    evaluator = SegEvaluator(num_classes)  # the same metric code as tools/evaluate.py
     for i, batch in enumerate(loader):
         outputs = model(batch["image"].contiguous(memory_format=torch.channels_last), tasks=tasks)
-        pred = outputs["seg"].argmax(1)
-        confmat.update(counts=accelerator.gather_for_metrics(ConfusionMatrix.batch_counts(pred, batch["label"], num_classes)))
-        if "instances" in batch:
-            has_instances = True
-            stats = InstanceIoU.sample_stats(pred, batch["label"], batch["instances"], num_classes)
-            iiou.update(stats=accelerator.gather_for_metrics(stats))
-        if "depth" in outputs and "depth" in batch:
-            has_depth = True
-            depth.update(stats=accelerator.gather_for_metrics(DepthMetrics.sample_stats(outputs["depth"].float(), batch["depth"])))
+        evaluator.update(outputs, batch, accelerator)
         if i == 0 and log_step is not None and accelerator.is_main_process:
             log_images(accelerator, batch, outputs, log_step)
-    metrics = {**confmat.compute(), "confusion_matrix": confmat.mat.cpu().tolist()}
-    if has_instances:
-        metrics.update(iiou.compute())
-    if has_depth:
-        metrics.update(depth.compute())
-    return metrics
+    return evaluator.compute()
 
 
-def train_one_epoch(model, optimizer, loader, accelerator, stage, focal, state: TrainState, args, on_step) -> dict:
-    """One pass over the (remaining) batches of an epoch; returns the epoch's average losses."""
+def train_step(model, optimizer, batch, accelerator, tasks, weights, focal, clip_grad_norm: float, joint=None) -> tuple[torch.Tensor, dict]:
+    """Forward the stage's decoders, loss, backward, optimizer step; no host sync (tools/bench.py times this)."""
+    outputs = model(batch["image"].contiguous(memory_format=torch.channels_last), tasks=tasks)
+    loss, terms = criterion(outputs, batch, weights, focal, joint)
+    accelerator.backward(loss)
+    if clip_grad_norm > 0:
+        accelerator.clip_grad_norm_(model.parameters(), clip_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, terms
+
+
+def train_one_epoch(model, optimizer, loader, accelerator, stage, focal, state: TrainState, args, save, joint=None) -> dict:
+    """One pass over the (remaining) batches of an epoch, calling save() every --checkpoint-every steps; returns the
+    epoch's average losses (and joint weights)."""
     model.train()
     weights = stage.weights()
+    weighting = accelerator.unwrap_model(joint) if joint is not None else None
     total_steps = state.steps_per_epoch * stage.epochs
-    running = {t: torch.zeros((), device=accelerator.device) for t in (*weights, "loss")}
-    nonfinite = torch.zeros((), dtype=torch.bool, device=accelerator.device)
-    seen, steps, tic = 0, 0, time.perf_counter()
+    logged_weights = [f"w_{t}" for t in weights] if weighting is not None else []
+    # loss sums so far this epoch: restored from a mid-epoch checkpoint, so the epoch's averages come out the same
+    running = {t: torch.tensor(state.sums.get(t, 0.0), device=accelerator.device) for t in (*weights, "loss", *logged_weights)}
+    watch = LossWatch(tuple(weights), accelerator.device)
+    seen, tic = 0, time.perf_counter()
     bar = tqdm(total=state.steps_per_epoch, initial=state.step, disable=not accelerator.is_local_main_process,
                desc=f"stage {state.stage} ({stage.name}) epoch {state.epoch}", leave=False)
     for batch in loader:
@@ -98,53 +108,94 @@ def train_one_epoch(model, optimizer, loader, accelerator, stage, focal, state: 
             break
         lr = args.lr * lr_factor((state.epoch * state.steps_per_epoch + state.step) / total_steps, args.lr_schedule, args.warmup)
         for group in optimizer.param_groups:
-            group["lr"] = lr
-        outputs = model(batch["image"].contiguous(memory_format=torch.channels_last), tasks=stage.tasks)
-        loss, terms = criterion(outputs, batch, weights, focal)
-        nonfinite |= ~torch.isfinite(loss.detach())
-        accelerator.backward(loss)
-        if args.clip_grad_norm > 0:
-            accelerator.clip_grad_norm_(model.parameters(), args.clip_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        for t, v in {**terms, "loss": loss}.items():
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        effective = {f"w_{t}": w for t, w in weighting.weights().items()} if weighting is not None else {}
+        loss, terms = train_step(model, optimizer, batch, accelerator, stage.tasks, weights, focal, args.clip_grad_norm, joint)
+        watch.update(terms, loss, state.global_step + 1)
+        for t, v in {**terms, "loss": loss, **effective}.items():
             running[t] += v.detach()
         state.step += 1
         state.global_step += 1
+        fault_point("step")
         seen += batch["image"].shape[0]
-        steps += 1
         if state.step % args.log_every == 0 or state.step == state.steps_per_epoch:
-            check_finite(nonfinite, terms, loss, state, stage)
-            logs = {f"train/{t}": v.item() for t, v in terms.items()}
+            watch.check(accelerator, state, stage)
+            logs = {f"train/{t}": v.item() for t, v in {**terms, **effective}.items()}
             img_s = seen * accelerator.num_processes / (time.perf_counter() - tic)
             accelerator.log({**logs, "train/loss": loss.item(), "train/lr": lr, "train/img_per_s": img_s}, step=state.global_step)
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", img_s=f"{img_s:.1f}")
         bar.update(1)
-        on_step()
+        if args.checkpoint_every and state.global_step % args.checkpoint_every == 0 and state.step < state.steps_per_epoch:
+            watch.check(accelerator, state, stage)  # a state a NaN reached is never checkpointed
+            state.sums = {t: accelerator.reduce(v, "mean").item() for t, v in running.items()}
+            save()  # the epoch's last step is saved after validation instead
     bar.close()
-    check_finite(nonfinite, terms, loss, state, stage)
-    return {t: accelerator.reduce(v, "mean").item() / max(steps, 1) for t, v in running.items()}
+    watch.check(accelerator, state, stage)
+    averages = {t: accelerator.reduce(v, "mean").item() / max(state.step, 1) for t, v in running.items()}
+    if weighting is not None:
+        weighting.epoch_end(averages)  # DWA: the next epoch's weights
+    return averages
 
 
-def check_finite(nonfinite: torch.Tensor, terms: dict, loss: torch.Tensor, state, stage) -> None:
-    """Stop on a NaN/inf loss, naming where it happened and each term; checked at log steps (one sync)."""
-    if nonfinite.item():
-        detail = ", ".join(f"{t}={v.item():.4g}" for t, v in terms.items())
+class LossWatch:
+    """Remembers on the device (no host sync per step) the first step whose loss or a loss term was not finite."""
+
+    def __init__(self, terms: tuple[str, ...], device):
+        self.names = (*terms, "loss")
+        self.step = torch.full((), -1, dtype=torch.long, device=device)  # its global step; -1: none so far
+        self.values = torch.zeros(len(self.names), device=device)
+
+    def update(self, terms: dict, loss: torch.Tensor, global_step: int) -> None:
+        values = torch.stack([*(terms[t].detach().float() for t in self.names[:-1]), loss.detach().float()])
+        first = (self.step < 0) & ~torch.isfinite(values).all()
+        self.step = torch.where(first, global_step, self.step)
+        self.values = torch.where(first, values, self.values)
+
+    def check(self, accelerator, state: TrainState, stage) -> None:
+        """Raise on every process if any saw a non-finite loss (one gather), naming where and each term."""
+        steps = accelerator.gather(self.step[None]).cpu()  # (processes,)
+        if (steps < 0).all():
+            return
+        rank = int(torch.where(steps < 0, steps.max() + 1, steps).argmin())
+        values = accelerator.gather(self.values[None]).cpu()[rank]
+        bad = int(steps[rank])
+        where = f", process {rank}" if accelerator.num_processes > 1 else ""
         raise NonFiniteLossError(
-            f"non-finite loss at stage {state.stage} ({stage.name}), epoch {state.epoch}, step {state.step} "
-            f"(global step {state.global_step}): loss={loss.item():.4g} ({detail}). The last checkpoint on disk "
-            f"is the last good state; lower --lr or set --clip-grad-norm and resume from it."
+            f"non-finite loss at stage {state.stage} ({stage.name}), epoch {state.epoch}, step "
+            f"{state.step - (state.global_step - bad)} of {state.steps_per_epoch} (global step {bad}{where}): "
+            + ", ".join(f"{n}={v:.4g}" for n, v in zip(self.names, values.tolist()))
+            + ". The last checkpoint on disk is the last good state; lower --lr or set --clip-grad-norm and resume."
         )
 
 
-def setup_stage(accelerator, model, stage, args, train_loader, val_loader):
+def setup_stage(accelerator, model, stage, args, train_loader, val_loader, weighting=None):
     """Unwrap, set what trains, fresh Adam over it, prepare again (DDP registers hooks when built)."""
     model = accelerator.unwrap_model(model)
     accelerator.free_memory()
     model.set_trainable(stage.tasks, encoder=stage.train_encoder)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=args.lr, fused=args.fused_adam and accelerator.device.type in ("cuda", "cpu"))
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    if extra := trainable_params(weighting, stage.tasks):  # uncertainty log-variances: at lr 1e-4 they barely move
+        groups.append({"params": extra, "lr_scale": args.weighting_lr / args.lr})
+    optimizer = torch.optim.Adam(groups, lr=args.lr, fused=args.fused_adam and accelerator.device.type in ("cuda", "cpu"))
     return accelerator.prepare(model, optimizer, train_loader, val_loader)
+
+
+def copy_weights(accelerator, model, src: str, dst: str, where: str, out: Path) -> None:
+    """--copy-weights: the first-trained decoder into the next one, listed in the run folder."""
+    copied = accelerator.unwrap_model(model).copy_decoder(src, dst)
+    accelerator.print(f"copy-weights before {where}: {len(copied)} tensors decoders.{src}.* -> decoders.{dst}.* "
+                      f"(heads not copied); list in {out / 'copied_tensors.txt'}")
+    if accelerator.is_main_process:
+        (out / "copied_tensors.txt").write_text("\n".join(copied) + "\n")
+
+
+def run_data_checks(args, preset) -> dict:
+    """--check-data: decode every sample of both splits, print a report, train nothing."""
+    root = prepare_root(args.dataset, args.data_root or preset.data_root)
+    tasks = schedule_tasks(get_schedule(args.schedule, args.stage_epochs, preset.epochs))
+    report, errors = check_data(root, [preset.train_split, preset.val_split], "depth" in tasks, preset.num_classes, args.workers)
+    print(report)
+    return {"errors": errors}
 
 
 def write_json_line(path: Path, record: dict) -> None:
@@ -155,10 +206,19 @@ def write_json_line(path: Path, record: dict) -> None:
 
 def main(args):
     preset = PRESETS[args.dataset]
+    if args.check_data:
+        return run_data_checks(args, preset)
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS needs it
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
     accelerator = Accelerator(
         cpu=args.cpu or not torch.cuda.is_available(), mixed_precision=args.mixed_precision,
         log_with="tensorboard", project_dir=args.output_dir,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=False),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=False, non_blocking=True),  # pinned batches: async copy
+        dynamo_backend="inductor" if args.compile else None,  # None: accelerate launch's --dynamo_backend
+        # a process stuck in a collective because another one died gives up after this long
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.dist_timeout))],
     )
     set_seed(args.seed, device_specific=True)
     out = Path(args.output_dir)
@@ -170,7 +230,8 @@ def main(args):
     with accelerator.main_process_first():
         root = prepare_root(args.dataset, args.data_root or preset.data_root)
     batch_size, crop = args.batch_size or preset.batch_size, args.crop_size or preset.crop_size
-    train_loader, val_loader = get_dataloaders(args, preset, root, "depth" in tasks, batch_size, crop)
+    train_loader, val_loader = get_dataloaders(args, preset, root, "depth" in tasks, batch_size, crop, accelerator)
+    skipped = {ds.split: len(ds.skipped) for ds in (train_loader.dataset.dataset, val_loader.dataset)}
     config = ModelConfig(encoder=args.encoder, tasks=tasks, num_classes=preset.num_classes)
     model = build_model(config, args.encoder_weights or preset.encoder_weights).to(memory_format=torch.channels_last)
     focal = FocalLoss(args.focal_gamma)
@@ -181,28 +242,30 @@ def main(args):
         (out / "run_config.json").write_text(json.dumps(run_config, indent=2, default=str))
     accelerator.init_trackers("tensorboard")  # the run's settings are in run_config.json
 
-    state = TrainState()
-    accelerator.register_for_checkpointing(state)
+    state = TrainState(schedule=args.schedule)
+    weighting = build_weighting(args.joint_weighting, tasks, args.dwa_temperature)  # None: the paper's fixed weights
+    # saved with torch.save and loaded weights_only=True (Accelerate unpickles registered objects unrestricted)
+    extra = {"weighting": weighting.to(accelerator.device)} if weighting is not None else {}
     resume = find_resume(args.resume, out)
-    if resume is not None:
-        state.load_state_dict(json.loads((resume / "train_state.json").read_text()))
+    if resume is not None:  # where it stands first: rebuild that stage, then load_state into it
+        state = read_checkpoint(resume, model, args.schedule)
+        if accelerator.is_main_process:
+            rewind_log(out / "log.jsonl", state)
+    elif args.resume == "auto":
+        accelerator.print(f"--resume auto: no checkpoint in {out / 'checkpoints'}, starting from scratch")
     metrics = {}
     while state.stage < len(stages):
         stage = stages[state.stage]
-        fresh = state.epoch == 0 and state.step == 0
-        if fresh and state.stage in copies:
-            src, dst = copies[state.stage]
-            copied = accelerator.unwrap_model(model).copy_decoder(src, dst)
-            accelerator.print(f"copy-weights before stage {state.stage} ({stage.name}): {len(copied)} tensors "
-                              f"decoders.{src}.* -> decoders.{dst}.* (heads not copied); list in {out / 'copied_tensors.txt'}")
-            if accelerator.is_main_process:
-                (out / "copied_tensors.txt").write_text("\n".join(copied) + "\n")
-        model, optimizer, train_dl, val_dl = setup_stage(accelerator, model, stage, args, train_loader, val_loader)
+        if state.epoch == 0 and state.step == 0 and state.stage in copies:  # once: at a stage's very start
+            copy_weights(accelerator, model, *copies[state.stage], f"stage {state.stage} ({stage.name})", out)
+        model, optimizer, train_dl, val_dl = setup_stage(accelerator, model, stage, args, train_loader, val_loader, weighting)
+        joint = for_stage(weighting, stage.tasks, accelerator)  # before load_state: a prepared one is in the checkpoint
         if resume is not None:
             accelerator.load_state(str(resume))
+            load_extra(resume, extra)
             accelerator.print(f"resumed from {resume} at stage {state.stage}, epoch {state.epoch}, step {state.step}")
             resume = None
-        state.steps_per_epoch = min(len(train_dl), args.max_steps_per_epoch or len(train_dl))
+        state.set_steps_per_epoch(min(len(train_dl), args.max_steps_per_epoch or len(train_dl)))
         while state.epoch < stage.epochs:
             epoch_key = sum(s.epochs for s in stages[: state.stage]) + state.epoch
             train_dl.set_epoch(epoch_key)
@@ -210,11 +273,10 @@ def main(args):
             if state.step:
                 loader.set_epoch(epoch_key)
 
-            def on_step():
-                if args.checkpoint_every and state.global_step % args.checkpoint_every == 0 and state.step < state.steps_per_epoch:
-                    save_checkpoint(accelerator, model, out, state)
+            def save():
+                save_checkpoint(accelerator, model, out, state, extra=extra)
 
-            losses = train_one_epoch(model, optimizer, loader, accelerator, stage, focal, state, args, on_step)
+            losses = train_one_epoch(model, optimizer, loader, accelerator, stage, focal, state, args, save, joint)
             metrics = evaluate(model, val_dl, accelerator, preset.num_classes, tasks, log_step=state.global_step)
             accelerator.log({f"val/{k}": v for k, v in metrics.items() if isinstance(v, float)}, step=state.global_step)
             accelerator.print(f"stage {state.stage} ({stage.name}) epoch {state.epoch}: "
@@ -224,12 +286,21 @@ def main(args):
             if accelerator.is_main_process:
                 write_json_line(out / "log.jsonl", {
                     "stage": state.stage, "stage_name": stage.name, "epoch": state.epoch, "global_step": state.global_step,
-                    "steps": state.steps_per_epoch, "world_size": accelerator.num_processes, "train": losses,
-                    "val": {k: v for k, v in metrics.items() if k != "confusion_matrix"}})
+                    "steps": state.steps_per_epoch, "world_size": accelerator.num_processes, "skipped_samples": skipped,
+                    "train": losses, "val": {k: v for k, v in metrics.items() if k != "confusion_matrix"}})
             state.epoch_done()
-            save_checkpoint(accelerator, model, out, state, best=is_best)
+            save_checkpoint(accelerator, model, out, state, best=is_best, extra=extra)
         state.stage_done()
-    if accelerator.is_main_process:
+        fault_point("stage")
+    if sum(skipped.values()):
+        accelerator.print(f"--skip-bad-samples: skipped {sum(skipped.values())} bad samples ("
+                          + ", ".join(f"{k}: {v}" for k, v in skipped.items()) + f"); list in {out / 'skipped_samples.txt'}")
+        if accelerator.is_main_process:
+            (out / "skipped_samples.txt").write_text("".join(f"{m}\n" for ds in (train_loader.dataset.dataset,
+                                                                              val_loader.dataset) for m in ds.skipped))
+    if not metrics:
+        accelerator.print(f"{out}: the run had already finished; nothing trained, metrics.json kept")
+    elif accelerator.is_main_process:
         (out / "metrics.json").write_text(json.dumps({**metrics, "best_mIoU": state.best_miou}, indent=2))
     accelerator.end_training()
     return metrics
@@ -258,10 +329,15 @@ def get_args_parser():
     p.add_argument("--focal-gamma", type=float, default=2.0, help="focal loss gamma (paper: 2)")
     p.add_argument("--loss-weights", type=lambda s: tuple(float(x) for x in s.split(",")), default=(0.85, 0.15),
                    help="seg,depth weights of the joint stage (paper: 0.85,0.15)")
+    p.add_argument("--joint-weighting", default="paper", choices=WEIGHTINGS,
+                   help="joint-stage loss weighting: paper (fixed --loss-weights), uncertainty (Kendall 2018), dwa (Liu 2019)")
+    p.add_argument("--dwa-temperature", type=float, default=2.0, help="DWA softmax temperature (Liu et al.: 2)")
+    p.add_argument("--weighting-lr", type=float, default=1e-2, help="Adam lr of the uncertainty weighting's log-variances")
     p.add_argument("--clip-grad-norm", type=float, default=0.0, help="clip gradients to this norm (0: off)")
     p.add_argument("--fused-adam", action=argparse.BooleanOptionalAction, default=True, help="fused Adam kernel")
     p.add_argument("--mixed-precision", default=None, choices=["no", "fp16", "bf16"], help="default: accelerate launch's setting")
     p.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model when prepared (slower on CPU: BENCHMARKS.md)")
     p.add_argument("--workers", type=int, default=2, help="data loading workers per process")
     p.add_argument("--seed", type=int, default=0, help="seed for weights, data order and augmentation")
     p.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap on steps per epoch (quick runs)")
@@ -269,8 +345,19 @@ def get_args_parser():
     p.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (0: epoch ends only)")
     p.add_argument("--output-dir", default="runs/latest", help="run folder: TensorBoard, log.jsonl, metrics.json, checkpoints")
     p.add_argument("--resume", default=None, help="auto (the run folder's last checkpoint, if any) or a checkpoint PATH")
+    p.add_argument("--check-data", action="store_true", help="decode and check every sample, print a report, train nothing")
+    p.add_argument("--skip-bad-samples", action="store_true", help="drop samples that fail the checks (logged, counted) "
+                   "instead of stopping; decodes the whole dataset up front")
+    p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (bit-identical resumes on GPU)")
+    p.add_argument("--dist-timeout", type=float, default=1800, help="seconds a process waits in a collective for the "
+                   "others before failing (bounds the hang when another process died)")
     return p
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    cli_args = get_args_parser().parse_args()
+    try:
+        result = main(cli_args)
+    except (DataError, CheckpointError, NonFiniteLossError) as exc:  # the message says it all: no traceback
+        sys.exit(f"train.py: error: {exc}")
+    sys.exit(1 if cli_args.check_data and result["errors"] else 0)

@@ -1,5 +1,6 @@
 """PASCAL VOC 2012 segmentation in its distributed layout, with optional instances and pseudo depth."""
 import shlex
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 IGNORE_INDEX = 255
 DEPTH_SCALE = 65535.0  # 16-bit PNG -> 0..1 inverse depth (SPEC "Data")
 MISSING_SHOWN = 5  # ids named in a "missing files" error
+DEPTH_MODES_16BIT = ("I;16", "I;16B", "I;16L", "I")  # what PIL calls a 16-bit grey PNG
 
 
 class Depth(tv_tensors.Mask):
@@ -20,6 +22,10 @@ class Depth(tv_tensors.Mask):
 
 class DataError(ValueError):
     """A problem with a data file; the message names the file."""
+
+
+class DataWarning(UserWarning):
+    """A data file that works but is probably not what was meant (8-bit or constant pseudo depth)."""
 
 
 def resolve_voc_root(path: str | Path) -> Path:
@@ -65,6 +71,22 @@ def check_files(root: Path, ids: list[str], split: str, need_depth: bool) -> Non
         raise DataError(msg)
 
 
+def read_header(path: Path, what: str) -> tuple[tuple[int, int], str]:
+    """(H, W) and PIL mode from the file's header only (nothing decoded)."""
+    try:
+        with Image.open(path) as im:
+            return (im.height, im.width), im.mode
+    except FileNotFoundError as exc:
+        raise DataError(f"{path}: {what} missing (the id is listed in the split)") from exc
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: unreadable {what} ({exc})") from exc
+
+
+def size_error(path: Path, what: str, size: tuple[int, int], image_size: tuple[int, int]) -> DataError:
+    """Sizes are (H, W); the message shows them as (W, H) like PIL."""
+    return DataError(f"{path}: {what} size {tuple(size[::-1])} differs from the image's {tuple(image_size[::-1])}")
+
+
 def read_png_array(path: Path) -> np.ndarray:
     """PNG -> array of its stored values (palette indices for 'P', 16-bit for depth)."""
     try:
@@ -81,7 +103,7 @@ def read_label(path: Path, num_classes: int, size: tuple[int, int]) -> torch.Ten
     if arr.ndim != 2:
         raise DataError(f"{path}: label must be a single-channel (palette or grey) PNG, got shape {arr.shape}")
     if arr.shape != size:
-        raise DataError(f"{path}: label size {arr.shape[::-1]} differs from the image's {size[::-1]}")
+        raise size_error(path, "label", arr.shape, size)
     bad = np.setdiff1d(np.unique(arr), np.r_[np.arange(num_classes), IGNORE_INDEX])
     if bad.size:
         raise DataError(f"{path}: label values {bad[:10].tolist()} outside 0..{num_classes - 1} and 255")
@@ -89,17 +111,24 @@ def read_label(path: Path, num_classes: int, size: tuple[int, int]) -> torch.Ten
 
 
 def read_depth(path: Path, size: tuple[int, int]) -> torch.Tensor:
-    """16-bit pseudo depth -> (1, H, W) float in 0..1."""
+    """16-bit pseudo depth -> (1, H, W) float in 0..1 (an 8-bit map, warned about up front, is read as 0..255)."""
     arr = read_png_array(path)
+    if arr.ndim != 2:
+        raise DataError(f"{path}: pseudo depth must be a single-channel 16-bit PNG, got shape {arr.shape}")
     if arr.shape != size:
-        raise DataError(f"{path}: depth size {arr.shape[::-1]} differs from the image's {size[::-1]}")
-    return torch.from_numpy(arr.astype(np.float32) / DEPTH_SCALE)[None]
+        raise size_error(path, "pseudo depth", arr.shape, size)
+    if arr.min() == arr.max():
+        warnings.warn(f"{path}: constant pseudo depth ({int(arr.min())} everywhere): nothing to learn from it; "
+                      f"remake it with tools/make_depth.py --overwrite", DataWarning, stacklevel=2)
+    scale = 255.0 if arr.dtype == np.uint8 else DEPTH_SCALE
+    return torch.from_numpy(arr.astype(np.float32) / scale)[None]
 
 
 class VOCSegmentation(Dataset):
     """Samples as dicts: image, label, depth (if asked), instances (if SegmentationObject exists), id."""
 
-    def __init__(self, root, split: str = "train", transforms=None, with_depth: bool = False, num_classes: int = 21):
+    def __init__(self, root, split: str = "train", transforms=None, with_depth: bool = False, num_classes: int = 21,
+                 check: bool = True):
         self.root = resolve_voc_root(root)
         self.split = split
         self.ids = read_split(self.root, split)
@@ -107,19 +136,53 @@ class VOCSegmentation(Dataset):
         self.with_depth = with_depth
         self.num_classes = num_classes
         self.with_instances = (self.root / "SegmentationObject").is_dir()
-        check_files(self.root, self.ids, split, with_depth)
+        self.skipped: list[str] = []  # problems of the samples --skip-bad-samples removed
+        if check:  # what file headers tell, before training: missing files, sizes, formats
+            check_files(self.root, self.ids, split, with_depth)
+            self.warn([w for i in range(len(self.ids)) for w in self.check_header(i)])
 
     def __len__(self) -> int:
         return len(self.ids)
 
+    def path(self, folder: str, idx: int) -> Path:
+        return self.root / folder / f"{self.ids[idx]}{'.jpg' if folder == 'JPEGImages' else '.png'}"
+
+    def check_header(self, idx: int) -> list[str]:
+        """Raise DataError for a missing file, a size mismatch or a wrong format; return warnings (8-bit depth)."""
+        size, _ = read_header(self.path("JPEGImages", idx), "image")
+        others = {"SegmentationClass": "label"}
+        if self.with_instances:
+            others["SegmentationObject"] = "instance mask"
+        if self.with_depth:
+            others["PseudoDepth"] = "pseudo depth"
+        found = []
+        for folder, what in others.items():
+            path = self.path(folder, idx)
+            other, mode = read_header(path, what)
+            if folder == "PseudoDepth" and mode not in ("L", *DEPTH_MODES_16BIT):
+                raise DataError(f"{path}: pseudo depth must be a single-channel 16-bit PNG, got mode {mode}")
+            if folder != "PseudoDepth" and mode not in ("P", "L"):
+                raise DataError(f"{path}: {what} must be a single-channel (palette or grey) 8-bit PNG, got mode {mode}")
+            if other != size:
+                raise size_error(path, what, other, size)
+            if folder == "PseudoDepth" and mode == "L":
+                found.append(f"{path}: 8-bit pseudo depth (expected 16-bit from tools/make_depth.py); read as 0..255")
+        return found
+
+    def warn(self, found: list[str]) -> None:
+        """One warning for all the files of a kind, not one per file."""
+        if found:
+            warnings.warn(f"{len(found)} of {len(self.ids)} samples of split {self.split!r}: {found[0]}"
+                          + (f" (and {len(found) - 1} more)" if len(found) > 1 else ""), DataWarning, stacklevel=3)
+
     def read_image(self, idx: int) -> torch.Tensor:
         """Decoded RGB image (3, H, W) uint8."""
-        path = self.root / "JPEGImages" / f"{self.ids[idx]}.jpg"
+        path = self.path("JPEGImages", idx)
         try:
             with Image.open(path) as im:
                 return pil_to_tensor(im.convert("RGB"))
         except (OSError, ValueError) as exc:
-            raise DataError(f"{path}: unreadable image ({exc})") from exc
+            raise DataError(f"{path}: unreadable image (corrupt or truncated JPEG: {exc})") from exc
 
     def load(self, idx: int) -> dict:
         """The sample before transforms."""
@@ -137,7 +200,7 @@ class VOCSegmentation(Dataset):
                 raise DataError(f"{inst_path}: instance mask missing (SegmentationObject/ exists for this split)")
             inst = read_png_array(inst_path)
             if inst.shape != size:
-                raise DataError(f"{inst_path}: size {inst.shape[::-1]} differs from the image's {size[::-1]}")
+                raise size_error(inst_path, "instance mask", inst.shape, size)
             sample["instances"] = tv_tensors.Mask(torch.from_numpy(inst.astype(np.uint8)))
         if self.with_depth:
             sample["depth"] = Depth(read_depth(self.root / "PseudoDepth" / f"{i}.png", size))
