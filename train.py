@@ -198,6 +198,13 @@ def run_data_checks(args, preset) -> dict:
     return {"errors": errors}
 
 
+def write_json_atomic(path: Path, record: dict) -> None:
+    """Write JSON next to `path`, then rename: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, path)
+
+
 def write_json_line(path: Path, record: dict) -> None:
     """Append one JSON line and flush it to disk."""
     with open(path, "a") as f:
@@ -288,6 +295,9 @@ def main(args):
                     "stage": state.stage, "stage_name": stage.name, "epoch": state.epoch, "global_step": state.global_step,
                     "steps": state.steps_per_epoch, "world_size": accelerator.num_processes, "skipped_samples": skipped,
                     "train": losses, "val": {k: v for k, v in metrics.items() if k != "confusion_matrix"}})
+                if state.stage == len(stages) - 1 and state.epoch == stage.epochs - 1:
+                    # before the checkpoint that marks the run finished, so a finished run always has it
+                    write_json_atomic(out / "metrics.json", {**metrics, "best_mIoU": state.best_miou})
             state.epoch_done()
             save_checkpoint(accelerator, model, out, state, best=is_best, extra=extra)
         state.stage_done()
@@ -300,8 +310,6 @@ def main(args):
                                                                               val_loader.dataset) for m in ds.skipped))
     if not metrics:
         accelerator.print(f"{out}: the run had already finished; nothing trained, metrics.json kept")
-    elif accelerator.is_main_process:
-        (out / "metrics.json").write_text(json.dumps({**metrics, "best_mIoU": state.best_miou}, indent=2))
     accelerator.end_training()
     return metrics
 
