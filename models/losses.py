@@ -16,11 +16,12 @@ class FocalLoss(nn.Module):
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         # logits (B, K, H, W), target (B, H, W); float32 for a stable log-softmax under autocast
         valid = target != self.ignore_index
-        safe = torch.where(valid, target, 0).unsqueeze(1)
-        logp_t = F.log_softmax(logits.float(), dim=1).gather(1, safe).squeeze(1)  # (B, H, W)
+        safe = torch.where(valid, target, 0).unsqueeze(-1)  # (B, H, W, 1)
+        # classes last: for channels_last logits (the default) a view, so log-softmax and its backward copy nothing
+        logp_t = F.log_softmax(logits.float().movedim(1, -1), dim=-1).gather(-1, safe).squeeze(-1)  # (B, H, W)
         loss = -((1 - logp_t.exp()) ** self.gamma) * logp_t
         if self.alpha is not None:
-            loss = loss * self.alpha[safe.squeeze(1)]
+            loss = loss * self.alpha[safe.squeeze(-1)]
         # clamp keeps an all-ignored batch at 0 instead of NaN, without a host sync
         return (loss * valid).sum() / valid.sum().clamp(min=1)
 
