@@ -1,0 +1,152 @@
+"""tools/bench.py at tiny sizes: FLOP counts, case building, interleaving, targets, the report's structure (never timings)."""
+import dataclasses
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from models import ModelConfig, build_model
+from tools import bench
+
+
+def conv_flops(model: nn.Module, x: torch.Tensor, **kwargs) -> int:
+    """Independent count: 2 * output elements * (input channels / groups) * kernel area, summed over every conv."""
+    total = 0
+
+    def hook(conv, inputs, out):
+        nonlocal total
+        total += 2 * out.numel() * conv.in_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1]
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        model(x, **kwargs)
+    for h in handles:
+        h.remove()
+    return total
+
+
+def test_forward_flops_equal_an_independent_conv_count():
+    model = build_model(ModelConfig(encoder="resnet18")).eval()
+    x = torch.randn(2, 3, 64, 96)
+    seg, joint = (bench.forward_flops(model, x, tasks=t) for t in (("seg",), ("seg", "depth")))
+    assert seg == conv_flops(model, x, tasks=("seg",)) > 0
+    assert joint == conv_flops(model, x, tasks=("seg", "depth"))
+    head_diff = 2 * 2 * 64 * 96 * 16 * 9 * (21 - 1)  # the depth head has 1 output channel, the seg head 21
+    assert joint - seg == seg - head_diff - bench.forward_flops(model.encoder, x)  # depth decoder = seg decoder, smaller head
+
+
+def test_our_seg_model_costs_what_smps_unet_costs():
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    ours = build_model(ModelConfig(encoder="resnet18", tasks=("seg",))).eval()
+    peer = smp.Unet("resnet18", encoder_weights=None, classes=21).eval()
+    x = torch.randn(1, 3, 64, 64)
+    assert bench.forward_flops(ours, x) == bench.forward_flops(peer, x) == conv_flops(peer, x)
+
+
+def test_the_peers_loss_is_our_focal_loss():
+    from models import FocalLoss
+
+    logits = torch.randn(2, 21, 16, 24, dtype=torch.float64)
+    target = torch.randint(0, 21, (2, 16, 24))
+    target[:, :3] = 255
+    assert torch.allclose(bench.peer_focal_loss(logits, target), FocalLoss()(logits, target), rtol=1e-6)
+
+
+@pytest.mark.parametrize("peer", ["ours", "smp"])
+def test_train_case_runs_the_step_and_counts_three_forwards(peer, fresh_accelerate):
+    if peer == "smp":
+        pytest.importorskip("segmentation_models_pytorch")
+    spec = bench.TrainSpec(peer, "both" if peer == "ours" else "seg", "bf16", "CL", 2, 64, "resnet18")
+    accelerator = bench.fresh_accelerator("bf16", torch.device("cpu")) if peer == "ours" else None
+    cache = {}
+    case = bench.build_train_case(spec, torch.device("cpu"), accelerator, cache)
+    model, _ = cache[dataclasses.replace(spec, batch=0, side=0)]
+    seen = []
+    conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    conv.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    loss = case.step()
+    assert seen == [torch.bfloat16]  # autocast is on: Accelerate's for ours, torch.autocast for smp
+    assert (loss[0] if isinstance(loss, tuple) else loss).isfinite()
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters() if n in before)  # it trained
+    assert case.images == 2
+    assert case.flops == 3 * 2 * case.meta["forward_flops_per_image"]
+    unwrapped = getattr(model, "module", model)
+    tasks = {"tasks": bench.STAGES["both"].tasks} if peer == "ours" else {}
+    assert case.meta["forward_flops_per_image"] * 2 == conv_flops(unwrapped, bench.make_batch(2, 64, "cpu")["image"], **tasks)
+
+
+def test_run_interleaved_warms_up_then_goes_round_robin():
+    calls = []
+    cases = [bench.Case(name, (lambda name=name: calls.append(name)), 1, 1.0) for name in "ab"]
+    settings = bench.Settings(warmup=2, steps=4, rounds=2)
+    bench.run_interleaved(cases, settings, torch.device("cpu"))
+    assert calls == list("aabb" + "aabb" + "aabb")  # warm-up a, b; then 2 rounds of 2 steps each
+    assert all(len(c.times) == 4 and all(t >= 0 for t in c.times) for c in cases)
+    row = cases[0].row()
+    assert row["steps_timed"] == 4 and row["images_per_s"] == 1 / row["median_s"]
+
+
+def fake_report() -> dict:
+    train = []
+    for peer, task, precision, layout, fused, ips in [
+            ("ours", "seg", "fp32", "CL", True, 5.0), ("ours", "both", "fp32", "CL", True, 4.0),
+            ("ours", "seg", "bf16", "CL", False, 1.0),  # an ablation row: never a target's
+            ("ours", "seg", "bf16", "CL", True, 8.0), ("ours", "both", "bf16", "CL", True, 5.0),
+            ("smp", "seg", "fp32", "NCHW", True, 4.0), ("smp", "seg", "bf16", "CL", True, 8.5)]:
+        train.append({"peer": peer, "task": task, "precision": precision, "layout": layout, "batch": 4, "side": 256,
+                      "compile": False, "fused_adam": fused, "keep_memory": True, "images_per_s": ips, "flops_per_s": 100.0 * ips})
+    peaks = [{"kind": "mm", "precision": p, "flops_per_s": v} for p, v in (("fp32", 500.0), ("bf16", 1000.0))]
+    infer = [{"model": m, "precision": p, "batch": 1, "median_s": t} for m, t in (("exported seg-only", 1.02), ("single-decoder", 1.0))
+             for p in ("fp32", "bf16")]
+    data = [{"kind": "loader", "batch": 4, "side": 256, "images_per_s": 14.0}]
+    return {"train": train, "peaks": peaks, "inference": infer, "data": data, "default_precision": "fp32"}
+
+
+def test_targets_are_the_issues_ratios():
+    got = {t["target"]: (t["value"], t["met"]) for t in bench.targets(fake_report())}
+    assert got["4x256 seg-only step, default (fp32) / smp fp32 NCHW"] == (5.0 / 4.0, True)
+    assert got["4x256 seg-only step, bf16 / smp channels_last + bf16"] == (8.0 / 8.5, False)
+    assert got["4x256 both-stage step time / seg-only, fp32"] == (5.0 / 4.0, True)
+    assert got["4x256 both-stage step time / seg-only, bf16"] == (8.0 / 5.0, False)
+    assert got["4x256 training FLOP/s bf16 / torch.mm bf16"] == (0.8, True)
+    assert got["4x256 data loading / training step (fp32) images/s"] == (14.0 / 5.0, False)
+    assert got["exported / single-decoder latency, batch 1 fp32"] == (pytest.approx(1.02), True)
+    assert len(got) == 8
+
+
+def test_peak_memory_of_a_fresh_process_holds_the_optimizer_state():
+    spec = bench.TrainSpec("ours", "seg", "fp32", "CL", 1, 64, "resnet18")
+    peak = bench.peak_memory(spec, torch.device("cpu"))
+    model = build_model(ModelConfig(encoder="resnet18"))
+    model.set_trainable(("seg",))
+    trainable_mib = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad) / 2**20
+    assert 3 * trainable_mib < peak < 4000  # at least gradients and Adam's two moments
+
+
+def test_quick_run_reports_every_row(tiny_voc, tmp_path, fresh_accelerate, capsys):
+    out = tmp_path / "bench.json"
+    args = bench.get_args_parser().parse_args(["--quick", "--no-memory", "--data-root", str(tiny_voc), "--json", str(out)])
+    bench.main(args)
+    report = json.loads(out.read_text())
+    names = [r["name"] for r in report["train"]]
+    expected = {f"ours {t} 2x64 {p} CL" for t in ("seg-only", "both") for p in ("fp32", "bf16")}
+    expected |= {f"ours seg-only 2x64 {p} CL --no-{flag}" for p in ("fp32", "bf16") for flag in ("fused-adam", "keep-freed-memory")}
+    expected |= {"smp Unet(resnet18) 2x64 fp32 NCHW", "smp Unet(resnet18) 2x64 fp32 CL", "smp Unet(resnet18) 2x64 bf16 CL"}
+    assert expected <= set(names)
+    for row in report["train"]:
+        assert row["images_per_s"] > 0 and row["steps_timed"] == bench.QUICK.steps
+        assert row["flops_per_step"] == 3 * row["batch"] * row["forward_flops_per_image"]
+    seg = {r["precision"]: r["forward_flops_per_image"] for r in report["train"] if r["name"].startswith("ours seg-only")}
+    assert seg["fp32"] == seg["bf16"] > 0
+    assert {r["kind"] for r in report["peaks"]} == {"mm", "conv"}
+    mm = next(r for r in report["peaks"] if r["kind"] == "mm")
+    assert mm["flops_per_step"] == 2 * bench.QUICK.mm_side**3
+    models = {r["model"] for r in report["inference"]}
+    assert {"exported seg-only", "single-decoder"} <= models
+    assert len(report["inference"]) == len(models) * 2 * len(bench.QUICK.infer_batches)
+    assert [d["kind"] for d in report["data"]] == ["loader", "end-to-end"] and all(d["images_per_s"] > 0 for d in report["data"])
+    assert report["data"][0]["with_depth"] is True  # the synthetic set has pseudo depth: the heavier loader
+    assert report["targets"] and all(isinstance(t["met"], bool) for t in report["targets"])
+    assert "| target | measured | goal | met |" in capsys.readouterr().out
