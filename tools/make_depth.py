@@ -30,6 +30,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from data import PRESETS
+from data.visualize import colorize_depth
 from data.voc import DataError, read_split, resolve_voc_root
 
 DEPTH_DIR = "PseudoDepth"
@@ -43,7 +44,6 @@ PREVIEW_HEIGHT = 160
 # Native output of model families whose config does not say it (DPT is checked apart).
 NATIVE_BY_MODEL_TYPE = {"zoedepth": "metric", "depth_pro": "metric", "glpn": "metric"}
 # Dark -> bright; bright = near (magma-like anchors).
-COLOR_ANCHORS = np.array([[0, 0, 4], [81, 18, 124], [183, 55, 121], [252, 137, 97], [252, 253, 191]])
 
 
 def read_ids(root: Path, split: str) -> list[str]:
@@ -233,20 +233,13 @@ def write_meta(depth_dir: Path, meta: dict) -> None:
     os.replace(tmp, depth_dir / META_NAME)
 
 
-def colorize(depth: np.ndarray) -> np.ndarray:
-    """uint16 depth (H, W) -> uint8 RGB (H, W, 3), bright = near."""
-    x = depth.astype(np.float32) / MAX_VALUE * (len(COLOR_ANCHORS) - 1)
-    grid = np.arange(len(COLOR_ANCHORS))
-    rgb = [np.interp(x, grid, COLOR_ANCHORS[:, c]) for c in range(3)]
-    return np.stack(rgb, axis=-1).round().astype(np.uint8)
-
-
 def make_preview(root: Path, ids: list[str], out: Path) -> None:
     """One PNG with a row image | coloured depth per id."""
     rows = []
     for id_ in ids:
         image = open_image(root / "JPEGImages" / f"{id_}.jpg")
-        depth = Image.fromarray(colorize(np.array(Image.open(root / DEPTH_DIR / f"{id_}.png"))))
+        stored = torch.from_numpy(np.array(Image.open(root / DEPTH_DIR / f"{id_}.png")).astype(np.float32))[None]
+        depth = Image.fromarray(colorize_depth(stored).permute(1, 2, 0).numpy())  # the TensorBoard colours
         width = max(1, round(image.width * PREVIEW_HEIGHT / image.height))
         pair = [im.resize((width, PREVIEW_HEIGHT), Image.BILINEAR) for im in (image, depth)]
         rows.append(np.concatenate([np.asarray(p) for p in pair], axis=1))
