@@ -118,11 +118,12 @@ def test_targets_are_the_issues_ratios():
 
 def test_peak_memory_of_a_fresh_process_holds_the_optimizer_state():
     spec = bench.TrainSpec("ours", "seg", "fp32", "CL", 1, 64, "resnet18")
-    peak = bench.peak_memory(spec, torch.device("cpu"))
+    peak, peak_again = bench.peak_memory([spec, spec], torch.device("cpu"))
     model = build_model(ModelConfig(encoder="resnet18"))
     model.set_trainable(("seg",))
     trainable_mib = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad) / 2**20
     assert 3 * trainable_mib < peak < 4000  # at least gradients and Adam's two moments
+    assert abs(peak - peak_again) < 0.2 * peak  # two processes side by side measure the same
 
 
 def test_quick_run_reports_every_row(tiny_voc, tmp_path, fresh_accelerate, capsys):
@@ -146,6 +147,7 @@ def test_quick_run_reports_every_row(tiny_voc, tmp_path, fresh_accelerate, capsy
     models = {r["model"] for r in report["inference"]}
     assert {"exported seg-only", "single-decoder"} <= models
     assert len(report["inference"]) == len(models) * 2 * len(bench.QUICK.infer_batches)
+    assert all(r["steps_timed"] == (3 if r["batch"] == 1 else 1) * bench.QUICK.infer_reps for r in report["inference"])
     assert [d["kind"] for d in report["data"]] == ["loader", "end-to-end"] and all(d["images_per_s"] > 0 for d in report["data"])
     assert report["data"][0]["with_depth"] is True  # the synthetic set has pseudo depth: the heavier loader
     assert report["targets"] and all(isinstance(t["met"], bool) for t in report["targets"])

@@ -64,7 +64,7 @@ class Settings:
     mm_side: int = 4096
     conv_shapes: tuple[tuple[int, int, int], ...] = ((4, 64, 128), (4, 256, 64), (4, 512, 32))  # (batch, ch, side)
     loader_batches: int = 30
-    e2e_steps: int = 8
+    e2e_steps: int = 6
 
 
 QUICK = Settings(encoder="resnet18", train_shapes=((2, 64),), infer_side=64, infer_batches=(1, 2), warmup=1, steps=1,
@@ -149,8 +149,9 @@ def forward_flops(model: torch.nn.Module, x: torch.Tensor, **kwargs) -> int:
     return counter.get_total_flops()
 
 
-def build_train_case(spec: TrainSpec, device: torch.device, accelerator: Accelerator | None, cache: dict) -> Case:
-    """The project's step (train.train_step after train.setup_stage) or smp's Unet in a plain loop."""
+def build_train_case(spec: TrainSpec, device: torch.device, accelerator: Accelerator | None, cache: dict,
+                     count: bool = True) -> Case:
+    """The project's step (train.train_step after train.setup_stage) or smp's Unet in a plain loop; FLOPs if `count`."""
     batch = make_batch(spec.batch, spec.side, device)
     key = replace(spec, batch=0, side=0)  # one model (and optimizer) per key, shared by the batch sizes
     if spec.peer == "ours":
@@ -173,7 +174,7 @@ def build_train_case(spec: TrainSpec, device: torch.device, accelerator: Acceler
         step = partial(smp_step, model, optimizer, batch, device, spec.precision == "bf16")
     flops_key = ("flops", spec.peer, spec.task, spec.side)  # the same for every precision and batch: count once
     if flops_key not in cache:
-        cache[flops_key] = counted(batch["image"][:1])
+        cache[flops_key] = counted(batch["image"][:1]) if count else 0
     per_image = cache[flops_key]
     return Case(spec.name, step, spec.batch, 3 * per_image * spec.batch, {**asdict(spec), "forward_flops_per_image": per_image})
 
@@ -281,7 +282,7 @@ def bench_training(settings: Settings, device: torch.device, with_smp: bool, com
             process.start()
             workers.append((process, conn))
         ask = partial(ask_worker, workers)
-        ask("build")
+        ask("build", together=True)  # untimed: the processes build their models at the same time
         ask("warmup")
         for _ in range(settings.rounds):
             ask("round")
@@ -293,16 +294,18 @@ def bench_training(settings: Settings, device: torch.device, with_smp: bool, com
     return train_rows, peak_rows
 
 
-def ask_worker(workers: list, command: str) -> list:
-    """Send a command to each worker in turn, waiting for its answer before the next one starts."""
-    answers = []
+def ask_worker(workers: list, command: str, together: bool = False) -> list:
+    """Send a command to each worker in turn, waiting for its answer before the next one starts (or not: together)."""
+    replies = []
     for _, conn in workers:
         conn.send(command)
-        status, answer = conn.recv()
+        if not together:
+            replies.append(conn.recv())
+    replies += [conn.recv() for _, conn in workers] if together else []
+    for status, answer in replies:
         if status == "error":
             raise RuntimeError(f"bench worker failed on {command!r}:\n{answer}")
-        answers.append(answer)
-    return answers
+    return [answer for _, answer in replies]
 
 
 def phase_worker(conn, side: str, settings: Settings, precision: str, device_type: str, with_smp: bool, compile: bool):
@@ -341,11 +344,20 @@ def accelerators(precision: str, device: torch.device, compile: bool, cache: dic
     return cache[key]
 
 
-def peak_memory(spec: TrainSpec, device: torch.device) -> float:
-    """Peak memory (MiB) of a fresh process running two steps of one case, above its footprint after imports."""
-    cmd = [sys.executable, __file__, "--memory-case", json.dumps(asdict(spec)), "--device", device.type]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
+def peak_memory(specs: list[TrainSpec], device: torch.device, parallel: int = 2) -> list[float]:
+    """Peak memory (MiB) of fresh processes running two steps of one case each, above their footprint after imports;
+    `parallel` at a time (a process's peak does not depend on its neighbours, only its time does)."""
+    procs, peaks = [], []
+    for i, spec in enumerate(specs):
+        cmd = [sys.executable, __file__, "--memory-case", json.dumps(asdict(spec)), "--device", device.type]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        if len(procs) - len(peaks) >= parallel or i == len(specs) - 1:
+            for proc in procs[len(peaks):]:
+                out, err = proc.communicate()
+                if proc.returncode:
+                    raise RuntimeError(f"memory measurement failed:\n{err[-2000:]}")
+                peaks.append(json.loads(out.strip().splitlines()[-1])["peak_mib"])
+    return peaks
 
 
 def memory_child(spec: TrainSpec, device: torch.device) -> None:
@@ -355,7 +367,7 @@ def memory_child(spec: TrainSpec, device: torch.device) -> None:
     before = rss_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # Linux: the peak (VmHWM) restarts from here, imports excluded
     accelerator = fresh_accelerator(spec.precision, device, spec.compile) if spec.peer == "ours" else None
-    case = build_train_case(spec, device, accelerator, {})
+    case = build_train_case(spec, device, accelerator, {}, count=False)
     for _ in range(2):
         case.step()
     sync(device)
@@ -585,14 +597,16 @@ def main(args: argparse.Namespace) -> dict:
     report["train"], report["peaks"] = bench_training(settings, device, with_smp, args.compile)
     seconds["training"] = lap()
     if args.memory:
-        for row in report["train"]:
-            spec = TrainSpec(**{k: row[k] for k in TrainSpec.__dataclass_fields__})
-            if spec.fused_adam and spec.keep_memory and not spec.compile:  # the ablations cost what their row says
-                row["peak_mib"] = peak_memory(spec, device)
+        rows = [r for r in report["train"] if r["fused_adam"] and r["keep_memory"] and not r["compile"]]  # not ablations
+        specs = [TrainSpec(**{k: r[k] for k in TrainSpec.__dataclass_fields__}) for r in rows]
+        for row, peak in zip(rows, peak_memory(specs, device, parallel=1 if device.type == "cuda" else 2)):
+            row["peak_mib"] = peak
         seconds["memory"] = lap()
     with tempfile.TemporaryDirectory() as tmp:
         cases = inference_cases(settings, device, with_smp, Path(tmp))
-        run_interleaved(cases, replace(settings, warmup=1, steps=settings.infer_reps, rounds=settings.infer_reps), device)
+        small = [c for c in cases if c.images == 1]  # short and noisy: three times the repetitions
+        for group, reps in ((small, 3 * settings.infer_reps), ([c for c in cases if c.images > 1], settings.infer_reps)):
+            run_interleaved(group, replace(settings, warmup=1, steps=reps, rounds=reps), device)
         report["inference"] = [c.row() for c in cases]
     seconds["inference"] = lap()
     dataset, root = find_data_root(args.data_root)
