@@ -1,5 +1,6 @@
 """Deployment: the seg-only model, its cost, TorchScript and ONNX export, parity checks, inference."""
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -10,6 +11,7 @@ from torchvision import tv_tensors
 
 from data.transforms import SIZE_DIVISOR, get_transform, pad_to
 from models.checkpoint import drop_decoders, load_model
+from models.decoder import unfolded
 from models.model import MultiDecoderModel
 
 TORCHSCRIPT_NAME = "model.pt"
@@ -47,13 +49,19 @@ def count_params(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def count_flops(model: MultiDecoderModel, size: tuple[int, int]) -> int:
-    """FLOPs of one forward of every decoder the model has, on one image (a multiply-add counts 2)."""
-    device = next(model.parameters()).device
+def forward_flops(model: nn.Module, x: Tensor, executed: bool = False, **kwargs) -> int:
+    """FLOPs of one forward (a multiply-add counts 2), counted by torch's FlopCounterMode: those of the network as
+    defined (the plain UNet, as smp and FLOP counters count it), or the `executed` ones (fewer: the decoder folds its
+    upsamples into transposed convolutions, models/decoder.py)."""
     counter = FlopCounterMode(display=False)
-    with counter:
-        model(torch.zeros(1, 3, *size, device=device))
+    with counter, (nullcontext() if executed else unfolded(model)):
+        model(x, **kwargs)
     return counter.get_total_flops()
+
+
+def count_flops(model: MultiDecoderModel, size: tuple[int, int], executed: bool = False) -> int:
+    """FLOPs of one forward of every decoder the model has, on one image (see forward_flops)."""
+    return forward_flops(model, torch.zeros(1, 3, *size, device=next(model.parameters()).device), executed)
 
 
 def export_torchscript(module: nn.Module, path: Path) -> None:

@@ -7,18 +7,23 @@ import torch
 from torch import nn
 
 from models import ModelConfig, build_model
+from models.decoder import DecoderBlock, unfolded
 from tools import bench
 
 
 def conv_flops(model: nn.Module, x: torch.Tensor, **kwargs) -> int:
-    """Independent count: 2 * output elements * (input channels / groups) * kernel area, summed over every conv."""
+    """Independent count: 2 * output elements * (input channels / groups) * kernel area, summed over every conv
+    module; a decoder block's first convolution (computed by parts, not through its module) from the block's output."""
     total = 0
 
     def hook(conv, inputs, out):
         nonlocal total
         total += 2 * out.numel() * conv.in_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1]
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    firsts = {m.conv1[0] for m in model.modules() if isinstance(m, DecoderBlock)}
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d) and m not in firsts]
+    handles += [b.register_forward_hook(lambda b, i, out: hook(b.conv1[0], None, out))
+                for b in model.modules() if isinstance(b, DecoderBlock)]
     with torch.no_grad():
         model(x, **kwargs)
     for h in handles:
@@ -36,12 +41,32 @@ def test_forward_flops_equal_an_independent_conv_count():
     assert joint - seg == seg - head_diff - bench.forward_flops(model.encoder, x)  # depth decoder = seg decoder, smaller head
 
 
+def test_executed_flops_are_the_folded_decoders():
+    """The folded blocks run a stride-2 4x4 transposed convolution on the low-resolution input instead of a 3x3
+    convolution on the upsampled one: 16 multiply-adds per input pixel and channel pair instead of 4 x 9."""
+    model = build_model(ModelConfig(encoder="resnet18")).eval()
+    x = torch.randn(1, 3, 64, 96)
+    saved, sizes = 0, []
+    for block in model.decoders["seg"].blocks:
+        block.register_forward_hook(lambda b, args, out: sizes.append((b, args[0].shape)))
+    bench.forward_flops(model, x, executed=True, tasks=("seg",))
+    for block, shape in sizes:
+        if block.fold_upsample:
+            saved += 2 * shape[-2] * shape[-1] * block.in_ch * block.conv1[0].out_channels * (4 * 9 - 16)
+    assert saved > 0 and sum(isinstance(m, DecoderBlock) and m.fold_upsample for m in model.decoders["seg"].modules()) == 4
+    executed, nominal = (bench.forward_flops(model, x, executed=e, tasks=("seg",)) for e in (True, False))
+    assert executed == nominal - saved
+    assert all(b.fold_upsample == (i > 0) for i, b in enumerate(model.decoders["seg"].blocks))  # restored
+
+
 def test_our_seg_model_costs_what_smps_unet_costs():
     smp = pytest.importorskip("segmentation_models_pytorch")
     ours = build_model(ModelConfig(encoder="resnet18", tasks=("seg",))).eval()
     peer = smp.Unet("resnet18", encoder_weights=None, classes=21).eval()
     x = torch.randn(1, 3, 64, 64)
     assert bench.forward_flops(ours, x) == bench.forward_flops(peer, x) == conv_flops(peer, x)
+    both = build_model(ModelConfig(encoder="resnet18")).eval()  # and the both stage: a second decoder, a 1-channel head
+    assert bench.forward_flops(both, x, tasks=("seg", "depth")) == bench.forward_flops(bench.SmpWithDepth(peer), x)
 
 
 def test_the_peers_loss_is_our_focal_loss():
@@ -53,11 +78,11 @@ def test_the_peers_loss_is_our_focal_loss():
     assert torch.allclose(bench.peer_focal_loss(logits, target), FocalLoss()(logits, target), rtol=1e-6)
 
 
-@pytest.mark.parametrize("peer", ["ours", "smp"])
-def test_train_case_runs_the_step_and_counts_three_forwards(peer, fresh_accelerate):
+@pytest.mark.parametrize("peer, task", [("ours", "both"), ("smp", "seg"), ("smp", "both")])
+def test_train_case_runs_the_step_and_counts_three_forwards(peer, task, fresh_accelerate):
     if peer == "smp":
         pytest.importorskip("segmentation_models_pytorch")
-    spec = bench.TrainSpec(peer, "both" if peer == "ours" else "seg", "bf16", "CL", 2, 64, "resnet18")
+    spec = bench.TrainSpec(peer, task, "bf16", "CL", 2, 64, "resnet18")
     accelerator = bench.fresh_accelerator("bf16", torch.device("cpu")) if peer == "ours" else None
     cache = {}
     case = bench.build_train_case(spec, torch.device("cpu"), accelerator, cache)
@@ -70,8 +95,12 @@ def test_train_case_runs_the_step_and_counts_three_forwards(peer, fresh_accelera
     assert seen == [torch.bfloat16]  # autocast is on: Accelerate's for ours, torch.autocast for smp
     assert (loss[0] if isinstance(loss, tuple) else loss).isfinite()
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters() if n in before)  # it trained
+    if task == "both":  # and so did the depth decoder
+        assert any(not torch.equal(before[n], p) for n, p in model.named_parameters() if n in before and "depth" in n)
     assert case.images == 2
     assert case.flops == 3 * 2 * case.meta["forward_flops_per_image"]
+    executed, nominal = case.meta["executed_forward_flops_per_image"], case.meta["forward_flops_per_image"]
+    assert 0 < executed < nominal if peer == "ours" else executed == nominal  # only our decoder folds its upsamples
     unwrapped = getattr(model, "module", model)
     tasks = {"tasks": bench.STAGES["both"].tasks} if peer == "ours" else {}
     assert case.meta["forward_flops_per_image"] * 2 == conv_flops(unwrapped, bench.make_batch(2, 64, "cpu")["image"], **tasks)
@@ -79,13 +108,19 @@ def test_train_case_runs_the_step_and_counts_three_forwards(peer, fresh_accelera
 
 def test_run_interleaved_warms_up_then_goes_round_robin():
     calls = []
-    cases = [bench.Case(name, (lambda name=name: calls.append(name)), 1, 1.0) for name in "ab"]
-    settings = bench.Settings(warmup=2, steps=4, rounds=2)
+    cases = [bench.Case(name, (lambda name=name: calls.append(name)), 1, 1.0) for name in "abc"]
+    settings = bench.Settings(warmup=2, steps=6, rounds=3)
     bench.run_interleaved(cases, settings, torch.device("cpu"))
-    assert calls == list("aabb" + "aabb" + "aabb")  # warm-up a, b; then 2 rounds of 2 steps each
-    assert all(len(c.times) == 4 and all(t >= 0 for t in c.times) for c in cases)
+    # warm-up a, b, c in order; then 3 rounds of 2 steps each, every round a (seeded) permutation of the cases
+    assert calls[:6] == list("aabbcc")
+    rounds = ["".join(calls[6 + 6 * r: 12 + 6 * r: 2]) for r in range(3)]
+    assert calls[6:] == [c for order in rounds for c in order for _ in range(2)]
+    assert all(sorted(order) == list("abc") for order in rounds)
+    assert rounds == ["".join(c.name for c in bench.round_order(cases, r)) for r in range(3)]
+    assert len({bench.round_order(cases, r)[0].name for r in range(20)}) == 3  # every case gets to run first
+    assert all(len(c.times) == 6 and all(t >= 0 for t in c.times) for c in cases)
     row = cases[0].row()
-    assert row["steps_timed"] == 4 and row["images_per_s"] == 1 / row["median_s"]
+    assert row["steps_timed"] == 6 and row["images_per_s"] == 1 / row["median_s"]
 
 
 def fake_report() -> dict:
@@ -96,7 +131,7 @@ def fake_report() -> dict:
             ("ours", "seg", "bf16", "CL", True, 8.0), ("ours", "both", "bf16", "CL", True, 5.0),
             ("smp", "seg", "fp32", "NCHW", True, 4.0), ("smp", "seg", "bf16", "CL", True, 8.5)]:
         train.append({"peer": peer, "task": task, "precision": precision, "layout": layout, "batch": 4, "side": 256,
-                      "compile": False, "fused_adam": fused, "keep_memory": True, "images_per_s": ips, "flops_per_s": 100.0 * ips})
+                      "compile": False, "fused_adam": fused, "keep_memory": True, "fold": True, "images_per_s": ips, "flops_per_s": 100.0 * ips})
     peaks = [{"kind": "mm", "precision": p, "flops_per_s": v} for p, v in (("fp32", 500.0), ("bf16", 1000.0))]
     infer = [{"model": m, "precision": p, "batch": 1, "median_s": t} for m, t in (("exported seg-only", 1.02), ("single-decoder", 1.0))
              for p in ("fp32", "bf16")]
@@ -134,8 +169,10 @@ def test_quick_run_reports_every_row(tiny_voc, tmp_path, fresh_accelerate, capsy
     names = [r["name"] for r in report["train"]]
     expected = {f"ours {t} 2x64 {p} CL" for t in ("seg-only", "both") for p in ("fp32", "bf16")}
     expected |= {f"ours seg-only 2x64 {p} CL --no-{flag}" for p in ("fp32", "bf16") for flag in ("fused-adam", "keep-freed-memory")}
+    expected |= {f"ours {t} 2x64 {p} CL unfolded decoder" for t in ("seg-only", "both") for p in ("fp32", "bf16")}
     expected |= {"smp Unet(resnet18) 2x64 fp32 NCHW", "smp Unet(resnet18) 2x64 fp32 CL", "smp Unet(resnet18) 2x64 bf16 CL"}
-    assert expected <= set(names)
+    expected |= {"smp Unet(resnet18) + 2nd decoder 2x64 fp32 NCHW", "smp Unet(resnet18) + 2nd decoder 2x64 bf16 CL"}
+    assert expected == set(names)
     for row in report["train"]:
         assert row["images_per_s"] > 0 and row["steps_timed"] == bench.QUICK.steps
         assert row["flops_per_step"] == 3 * row["batch"] * row["forward_flops_per_image"]
@@ -151,4 +188,10 @@ def test_quick_run_reports_every_row(tiny_voc, tmp_path, fresh_accelerate, capsy
     assert [d["kind"] for d in report["data"]] == ["loader", "end-to-end"] and all(d["images_per_s"] > 0 for d in report["data"])
     assert report["data"][0]["with_depth"] is True  # the synthetic set has pseudo depth: the heavier loader
     assert report["targets"] and all(isinstance(t["met"], bool) for t in report["targets"])
-    assert "| target | measured | goal | met |" in capsys.readouterr().out
+    ips = {r["name"]: r["images_per_s"] for r in report["train"]}
+    assert report["second_decoder"] == [
+        {"shape": "2x64", "precision": p, "ours": ips[f"ours seg-only 2x64 {p} CL"] / ips[f"ours both 2x64 {p} CL"],
+         "smp": ips[f"smp Unet(resnet18) 2x64 {p} {lay}"] / ips[f"smp Unet(resnet18) + 2nd decoder 2x64 {p} {lay}"]}
+        for p, lay in (("fp32", "NCHW"), ("bf16", "CL"))]
+    printed = capsys.readouterr().out
+    assert "| target | measured | goal | met |" in printed and "| shape | precision | ours | smp |" in printed

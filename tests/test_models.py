@@ -4,7 +4,9 @@ from torch import nn
 
 from models import ModelConfig, build_model, load_model, save_model
 from models.checkpoint import drop_decoders
-from models.decoder import UnetDecoder
+import torch.nn.functional as F
+
+from models.decoder import DecoderBlock, UnetDecoder
 from models.encoder import ENCODERS, ResNetEncoder
 
 R18 = ModelConfig(encoder="resnet18", decoder_channels=(64, 32, 16, 16, 8))
@@ -80,6 +82,43 @@ def test_copy_decoder_copies_every_non_head_tensor():
     with torch.no_grad():
         next(m.decoders["depth"].parameters()).add_(1)
     assert not torch.equal(next(m.decoders["depth"].parameters()), next(m.decoders["seg"].parameters()))
+
+
+def reference_block(block: DecoderBlock, x, skip, size):
+    """smp's Unet block written plainly: nearest 2x upsample, concatenate, conv-BN-ReLU twice; at odd sizes on the
+    2x grid with the skip zero-extended, then cropped to the skip's size."""
+    up = F.interpolate(x, scale_factor=2.0, mode="nearest")
+    if skip is not None:
+        pad = (0, up.shape[-1] - skip.shape[-1], 0, up.shape[-2] - skip.shape[-2])
+        up = torch.cat([up, F.pad(skip, pad)], dim=1)
+    conv, bn, relu = block.conv1
+    y = F.conv2d(up, conv.weight, padding=1)[..., : size[0], : size[1]]
+    return block.conv2(relu(bn(y)))
+
+
+@pytest.mark.parametrize("fold", [True, False])
+@pytest.mark.parametrize("low, skip_size", [((8, 6), (16, 12)), ((5, 4), (9, 7)), ((4, 3), None)])
+def test_decoder_block_is_smps_block_folded_or_not(fold, low, skip_size):
+    """Folding the upsample into a transposed convolution and computing the first convolution by parts change
+    neither the outputs nor the gradients, at even and odd sizes, with and without a skip."""
+    torch.manual_seed(0)
+    block = DecoderBlock(6, 5 if skip_size else 0, 7, fold_upsample=fold).double()
+    x = torch.randn(2, 6, *low, dtype=torch.double, requires_grad=True)
+    skip = torch.randn(2, 5, *skip_size, dtype=torch.double, requires_grad=True) if skip_size else None
+    size = skip_size or (2 * low[0] - 1, 2 * low[1])
+    got = block(x, skip, size)
+    grads = torch.autograd.grad(got.square().sum(), [x, *block.parameters()] + ([skip] if skip_size else []))
+    want = reference_block(block, x, skip, size)
+    expected = torch.autograd.grad(want.square().sum(), [x, *block.parameters()] + ([skip] if skip_size else []))
+    assert got.shape == (2, 7, *size)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-9)
+
+
+def test_decoder_folds_every_block_but_the_first():
+    decoder = UnetDecoder((64, 256, 512, 1024, 2048), (256, 128, 64, 32, 16))
+    assert [b.fold_upsample for b in decoder.blocks] == [False, True, True, True, True]
 
 
 def test_decoder_channel_mismatch_raises():

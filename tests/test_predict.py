@@ -69,14 +69,14 @@ def write_images(folder, sizes=((67, 71), (40, 50))):
 
 
 @torch.no_grad()
-def independent_mask(model, path) -> np.ndarray:
-    """Normalise with ImageNet statistics, zero-pad to a multiple of 32, run, crop, argmax; no repo helpers."""
+def independent_logits(model, path) -> torch.Tensor:
+    """Normalise with ImageNet statistics, zero-pad to a multiple of 32, run, crop; no repo helpers."""
     img = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
     x = torch.from_numpy((img - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32))
     x = x.permute(2, 0, 1)[None]
     h, w = x.shape[-2:]
     x = F.pad(x, (0, (-w) % SIZE_DIVISOR, 0, (-h) % SIZE_DIVISOR))
-    return model(x)["seg"][0, :, :h, :w].argmax(0).numpy().astype(np.uint8)
+    return model(x)["seg"][0, :, :h, :w]
 
 
 def test_real_voc_images_give_palette_masks_of_the_image_size(voc_mini, exported, tmp_path):
@@ -91,9 +91,14 @@ def test_real_voc_images_give_palette_masks_of_the_image_size(voc_mini, exported
         assert mask.mode == "P" and mask.size == Image.open(path).size
         assert mask.getpalette()[: 3 * 21] == list(VOC_PALETTE[: 3 * 21])
         if i < NUM_CHECKED:
-            expected = independent_mask(model, path)
-            assert len(np.unique(expected)) > 1  # a constant mask would prove little
-            assert np.array_equal(np.asarray(mask), expected)
+            logits = independent_logits(model, path)
+            expected = logits.argmax(0)
+            assert len(expected.unique()) > 1  # a constant mask would prove little
+            got = torch.from_numpy(np.asarray(mask).astype(np.int64))
+            # equal, except where two classes tie to float rounding (the two paths normalise in different order)
+            margin = logits.max(0).values - logits.gather(0, got[None])[0]
+            assert (margin <= 1e-5 * logits.abs().max()).all()
+            assert (got != expected).float().mean() < 1e-3
 
 
 def test_multi_decoder_checkpoint_writes_depth_and_overlay(checkpoint, exported, tmp_path):

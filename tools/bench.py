@@ -1,20 +1,23 @@
 """Speed of training, inference and data loading, against segmentation_models_pytorch's Unet(resnet50), in one run.
 
-    python tools/bench.py                          # the full table (about 8 minutes on 2 CPU cores)
+    python tools/bench.py                          # the full table (about 16 minutes on 2 CPU cores)
     python tools/bench.py --json bench.json        # also every number as JSON
     python tools/bench.py --quick                  # tiny sizes, few steps: checks the bench itself in seconds
     python tools/bench.py --compile                # adds torch.compile rows (minutes of compilation)
 
 Training rows time the project's own step (train.train_step on a stage set up by train.setup_stage, with
 Accelerate's mixed precision) on fixed random batches; smp's Unet runs in the loop a user writes (autocast,
-focal loss from cross entropy, PyTorch's default Adam). The cases of one precision run interleaved, round by round, together with torch.mm, so that
-their ratios see the same machine load; every number is the median of the timed steps after warm-up.
+focal loss from cross entropy, PyTorch's default Adam), also with a second smp decoder. The cases of one precision run
+interleaved, round by round (each round in a seeded random order), together with torch.mm, so that their ratios see
+the same machine load; every number is the median of the timed steps after warm-up.
 """
 import argparse
+import copy
 import json
 import multiprocessing
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -33,13 +36,13 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from accelerate.state import AcceleratorState, GradientState  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import train  # noqa: E402
 from data import PRESETS, prepare_root  # noqa: E402
 from models import FocalLoss, ModelConfig, build_model, load_model, save_model  # noqa: E402
 from models.checkpoint import TrainState  # noqa: E402
-from models.deploy import seg_only  # noqa: E402
+from models.decoder import DecoderBlock  # noqa: E402
+from models.deploy import forward_flops, seg_only  # noqa: E402
 from schedules import both, semantic  # noqa: E402
 
 NUM_CLASSES = 21
@@ -85,6 +88,7 @@ class TrainSpec:
     compile: bool = False
     fused_adam: bool = True  # ours only: train.py's --fused-adam (the default) or --no-fused-adam
     keep_memory: bool = True  # ours only: train.py's --keep-freed-memory (the default) or --no-keep-freed-memory
+    fold: bool = True  # ours only: the decoder folds its upsamples (always in train.py) or computes the plain way
 
     @property
     def process(self) -> str:
@@ -93,9 +97,10 @@ class TrainSpec:
 
     @property
     def name(self) -> str:
-        who = f"ours {'seg-only' if self.task == 'seg' else 'both'}" if self.peer == "ours" else f"smp Unet({self.encoder})"
+        who = (f"ours {'seg-only' if self.task == 'seg' else 'both'}" if self.peer == "ours"
+               else f"smp Unet({self.encoder})" + (" + 2nd decoder" if self.task == "both" else ""))
         extra = (" compiled" if self.compile else "") + ("" if self.fused_adam else " --no-fused-adam")
-        extra += "" if self.keep_memory else " --no-keep-freed-memory"
+        extra += ("" if self.keep_memory else " --no-keep-freed-memory") + ("" if self.fold else " unfolded decoder")
         return f"{who} {self.batch}x{self.side} {self.precision} {self.layout}{extra}"
 
 
@@ -140,15 +145,6 @@ def make_batch(batch: int, side: int, device: torch.device, seed: int = 0) -> di
     return {"image": image.to(device), "label": label.to(device), "depth": depth.to(device)}
 
 
-@torch.no_grad()
-def forward_flops(model: torch.nn.Module, x: torch.Tensor, **kwargs) -> int:
-    """FLOPs of one forward (a multiply-add counts 2), counted by torch's FlopCounterMode."""
-    counter = FlopCounterMode(display=False)
-    with counter:
-        model(x, **kwargs)
-    return counter.get_total_flops()
-
-
 def build_train_case(spec: TrainSpec, device: torch.device, accelerator: Accelerator | None, cache: dict,
                      count: bool = True) -> Case:
     """The project's step (train.train_step after train.setup_stage) or smp's Unet in a plain loop; FLOPs if `count`."""
@@ -159,6 +155,9 @@ def build_train_case(spec: TrainSpec, device: torch.device, accelerator: Acceler
         stage = STAGES[spec.task]
         if key not in cache:
             model = build_model(ModelConfig(encoder=spec.encoder, tasks=("seg", "depth"))).to(memory_format=torch.channels_last)
+            for block in model.modules() if not spec.fold else ():
+                if isinstance(block, DecoderBlock):
+                    block.fold_upsample = False  # what the fold buys: the same network computed the plain way
             cache[key] = train.setup_stage(accelerator, model, stage, targs, None, None)[:2]
         model, optimizer = cache[key]
         counted = partial(forward_flops, accelerator.unwrap_model(model), tasks=stage.tasks)
@@ -174,16 +173,33 @@ def build_train_case(spec: TrainSpec, device: torch.device, accelerator: Acceler
         step = partial(smp_step, model, optimizer, batch, device, spec.precision == "bf16")
     flops_key = ("flops", spec.peer, spec.task, spec.side)  # the same for every precision and batch: count once
     if flops_key not in cache:
-        cache[flops_key] = counted(batch["image"][:1]) if count else 0
-    per_image = cache[flops_key]
-    return Case(spec.name, step, spec.batch, 3 * per_image * spec.batch, {**asdict(spec), "forward_flops_per_image": per_image})
+        cache[flops_key] = (counted(batch["image"][:1]), counted(batch["image"][:1], executed=True)) if count else (0, 0)
+    per_image, executed = cache[flops_key]
+    return Case(spec.name, step, spec.batch, 3 * per_image * spec.batch,
+                {**asdict(spec), "forward_flops_per_image": per_image, "executed_forward_flops_per_image": executed})
+
+
+class SmpWithDepth(torch.nn.Module):
+    """The both stage built from smp: its Unet plus a second smp decoder and a one-channel head on the same encoder."""
+
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet = unet
+        self.depth_decoder = copy.deepcopy(unet.decoder)
+        self.depth_head = torch.nn.Conv2d(unet.segmentation_head[0].in_channels, 1, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.unet.encoder(x)
+        return self.unet.segmentation_head(self.unet.decoder(features)), self.depth_head(self.depth_decoder(features))
 
 
 def smp_model(spec: TrainSpec, device: torch.device) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    """smp.Unet with smp's default decoder (256..16, nearest upsampling), as a user would build it."""
+    """smp.Unet with smp's default decoder (256..16, nearest upsampling), as a user would build it (task "both": with
+    a second decoder for depth)."""
     import segmentation_models_pytorch as smp
 
-    model = smp.Unet(spec.encoder, encoder_weights=None, classes=NUM_CLASSES).to(device).train()
+    model = smp.Unet(spec.encoder, encoder_weights=None, classes=NUM_CLASSES)
+    model = (SmpWithDepth(model) if spec.task == "both" else model).to(device).train()
     if spec.layout == "CL":
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)  # as a user writes it: PyTorch's default Adam
@@ -198,10 +214,16 @@ def peer_focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2
 
 
 def smp_step(model, optimizer, batch: dict, device: torch.device, bf16: bool) -> torch.Tensor:
-    """A user's own loop: autocast forward, focal loss, backward, Adam."""
+    """A user's own loop: autocast forward, focal loss (+ depth MSE over the valid pixels), backward, Adam."""
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        logits = model(batch["image"])
-    loss = peer_focal_loss(logits, batch["label"])
+        out = model(batch["image"])
+    if isinstance(out, tuple):
+        logits, depth = out
+        valid = batch["depth"].isfinite()
+        mse = torch.where(valid, depth.float() - batch["depth"].nan_to_num(), 0).square().sum() / valid.sum().clamp(min=1)
+        loss = 0.85 * peer_focal_loss(logits, batch["label"]) + 0.15 * mse
+    else:
+        loss = peer_focal_loss(out, batch["label"])
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -226,10 +248,16 @@ def peak_cases(settings: Settings, precision: str, device: torch.device) -> list
 
 
 def run_interleaved(cases: list[Case], settings: Settings, device: torch.device) -> None:
-    """Warm up every case, then time them round-robin so that a change in machine load hits all of them."""
+    """Warm up every case, then time them in rounds so that a change in machine load hits all of them."""
     warm_up(cases, settings.warmup, device)
-    for _ in range(settings.rounds):
-        run_round(cases, max(1, settings.steps // settings.rounds), device)
+    for r in range(settings.rounds):
+        run_round(round_order(cases, r), max(1, settings.steps // settings.rounds), device)
+
+
+def round_order(cases: list[Case], r: int) -> list[Case]:
+    """Round r's order: a permutation drawn with seed r, so that no case always runs first or always right after the
+    same other case (whose model has just filled the caches: a bias of up to 6% seen at batch 1)."""
+    return random.Random(r).sample(cases, len(cases))
 
 
 def warm_up(cases: list[Case], steps: int, device: torch.device) -> None:
@@ -250,17 +278,20 @@ def run_round(cases: list[Case], steps: int, device: torch.device) -> None:
 
 
 def train_specs(settings: Settings, precision: str, with_smp: bool, compile: bool) -> list[TrainSpec]:
-    """Ours (seg-only and both stages, and what fused Adam and the allocator setting buy) and, when installed, smp:
+    """Ours (seg-only and both stages, and what fused Adam, the allocator setting and the folded decoder buy) and,
+    when installed, smp:
     fp32 NCHW (its default; channels_last too at the first shape) and bf16 channels_last (its fastest)."""
     specs, enc = [], settings.encoder
     for i, (b, s) in enumerate(settings.train_shapes):
         specs += [TrainSpec("ours", t, precision, "CL", b, s, enc) for t in STAGES]
         specs.append(TrainSpec("ours", "seg", precision, "CL", b, s, enc, keep_memory=False))
+        specs += [TrainSpec("ours", t, precision, "CL", b, s, enc, fold=False) for t in STAGES]
         if i == 0:
             specs.append(TrainSpec("ours", "seg", precision, "CL", b, s, enc, fused_adam=False))
         if with_smp:
             layouts = ("NCHW", "CL") if i == 0 and precision == "fp32" else ("NCHW",) if precision == "fp32" else ("CL",)
             specs += [TrainSpec("smp", "seg", precision, layout, b, s, enc) for layout in layouts]
+            specs.append(TrainSpec("smp", "both", precision, "NCHW" if precision == "fp32" else "CL", b, s, enc))
     if compile:
         b, s = settings.train_shapes[0]
         specs.append(TrainSpec("ours", "seg", precision, "CL", b, s, enc, compile=True))
@@ -310,7 +341,7 @@ def ask_worker(workers: list, command: str, together: bool = False) -> list:
 
 def phase_worker(conn, side: str, settings: Settings, precision: str, device_type: str, with_smp: bool, compile: bool):
     """One side's training cases (ours: with train.py's allocator setting), timed on the parent's commands."""
-    device, cases = torch.device(device_type), []
+    device, cases, rounds = torch.device(device_type), [], 0
     try:
         while (command := conn.recv()) != "rows":
             if command == "build":
@@ -318,7 +349,8 @@ def phase_worker(conn, side: str, settings: Settings, precision: str, device_typ
             elif command == "warmup":
                 warm_up(cases, settings.warmup, device)
             else:
-                run_round(cases, max(1, settings.steps // settings.rounds), device)
+                run_round(round_order(cases, rounds), max(1, settings.steps // settings.rounds), device)
+                rounds += 1
             conn.send(("ok", None))
         conn.send(("ok", [c.row() for c in cases]))
     except Exception:  # the parent raises it with the traceback
@@ -481,6 +513,20 @@ def pick(rows: list[dict], **want) -> dict | None:
     return next((r for r in rows if all(r.get(k) == v for k, v in want.items())), None)
 
 
+def second_decoder(rows: list[dict]) -> list[dict]:
+    """Both-stage step time / seg-only step time at train.py's defaults, for ours and (same layout) smp's."""
+    out = []
+    for b, s in dict.fromkeys((r["batch"], r["side"]) for r in rows):
+        for p in ACCELERATE_PRECISION:
+            common = dict(batch=b, side=s, precision=p, compile=False, fused_adam=True, keep_memory=True, fold=True)
+            ratio = {}
+            for peer, layout in (("ours", "CL"), ("smp", "NCHW" if p == "fp32" else "CL")):
+                seg, both = (pick(rows, peer=peer, task=t, layout=layout, **common) for t in ("seg", "both"))
+                ratio[peer] = seg and both and seg["images_per_s"] / both["images_per_s"]
+            out.append({"shape": f"{b}x{s}", "precision": p, **ratio})
+    return out
+
+
 def targets(report: dict) -> list[dict]:
     """The issue's targets as ratios of numbers from this run."""
     rows, peaks, infer, data = report["train"], report["peaks"], report["inference"], report["data"]
@@ -495,9 +541,10 @@ def targets(report: dict) -> list[dict]:
         return row and row["images_per_s"]
 
     for b, s in {(r["batch"], r["side"]) for r in rows}:
-        shape = dict(batch=b, side=s, compile=False, fused_adam=True, keep_memory=True)  # train.py's defaults
+        shape = dict(batch=b, side=s, compile=False, fused_adam=True, keep_memory=True, fold=True)  # train.py's
         ours = {p: ips(peer="ours", task="seg", precision=p, **shape) for p in ACCELERATE_PRECISION}
-        smp_default, smp_best = ips(peer="smp", precision="fp32", layout="NCHW", **shape), ips(peer="smp", precision="bf16", layout="CL", **shape)
+        smp_default = ips(peer="smp", task="seg", precision="fp32", layout="NCHW", **shape)
+        smp_best = ips(peer="smp", task="seg", precision="bf16", layout="CL", **shape)
         if smp_default:
             add(f"{b}x{s} seg-only step, default ({dp}) / smp fp32 NCHW", ours[dp] / smp_default, ">= 1", lambda v: v >= 1)
         if smp_best:
@@ -544,6 +591,11 @@ def table(header: list[str], rows: list[list]) -> str:
     return "\n".join("| " + " | ".join(r) + " |" for r in [header, ["---"] * len(header), *cells])
 
 
+def ratio(value: float | None) -> str:
+    """Three decimals, so that a ratio just over its goal does not print as the goal."""
+    return "-" if value is None else f"{value:,.1f}" if value >= 100 else f"{value:.3f}"
+
+
 def render(report: dict) -> str:
     """The run as Markdown tables."""
     mm = {r["precision"]: r["flops_per_s"] for r in report["peaks"] if r["kind"] == "mm"}
@@ -552,9 +604,11 @@ def render(report: dict) -> str:
              f"{', ' + m['gpu'] if 'gpu' in m else ''}; torch {m['torch']}; load average {m['load_average_start'][0]:.2f} "
              f"at start, {m['load_average_end'][0]:.2f} at end; default precision of train.py here: {report['default_precision']}; "
              f"seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in report["seconds"].items()),
-             "", "Training step (fixed batches; FLOP/s = 3x forward FLOPs per second):", "",
-             table(["case", "img/s", "ms/step", "GFLOP/img fwd", "GFLOP/s", "% of mm peak", "peak MiB"],
-                   [[r["name"], r["images_per_s"], 1e3 * r["median_s"], r["forward_flops_per_image"] / 1e9, r["flops_per_s"] / 1e9,
+             "", "Training step (fixed batches; FLOP/s = 3x the network's forward FLOPs per second; executed: what our folded "
+             "decoder computes):", "",
+             table(["case", "img/s", "ms/step", "GFLOP/img fwd", "executed", "GFLOP/s", "% of mm peak", "peak MiB"],
+                   [[r["name"], r["images_per_s"], 1e3 * r["median_s"], r["forward_flops_per_image"] / 1e9,
+                     r["executed_forward_flops_per_image"] / 1e9, r["flops_per_s"] / 1e9,
                      100 * r["flops_per_s"] / mm[r["precision"]], r.get("peak_mib", "-")] for r in report["train"]]),
              "", "Hardware references, same run:", "",
              table(["operation", "GFLOP/s", "ms"], [[r["name"], r["flops_per_s"] / 1e9, 1e3 * r["median_s"]] for r in report["peaks"]]),
@@ -566,7 +620,11 @@ def render(report: dict) -> str:
              table(["what", "img/s"], [[r["name"], r["images_per_s"]] for r in report["data"]]),
              "", "Targets:", "",
              table(["target", "measured", "goal", "met"],
-                   [[t["target"], t["value"], t["goal"], "yes" if t["met"] else "NO"] for t in report["targets"]])]
+                   [[t["target"], ratio(t["value"]), t["goal"], "yes" if t["met"] else "NO"] for t in report["targets"]])]
+    if report.get("second_decoder"):
+        lines += ["", "What a second decoder costs (both-stage step time / seg-only step time), ours and smp's:", "",
+                  table(["shape", "precision", "ours", "smp"],
+                        [[r["shape"], r["precision"], ratio(r["ours"]), ratio(r["smp"])] for r in report["second_decoder"]])]
     if m["device"] == "cpu":
         lines += ["", "No GPU in this run: the GPU rows are missing, not zero."]
     return "\n".join(lines)
@@ -597,7 +655,7 @@ def main(args: argparse.Namespace) -> dict:
     report["train"], report["peaks"] = bench_training(settings, device, with_smp, args.compile)
     seconds["training"] = lap()
     if args.memory:
-        rows = [r for r in report["train"] if r["fused_adam"] and r["keep_memory"] and not r["compile"]]  # not ablations
+        rows = [r for r in report["train"] if r["fused_adam"] and r["keep_memory"] and r["fold"] and not r["compile"]]
         specs = [TrainSpec(**{k: r[k] for k in TrainSpec.__dataclass_fields__}) for r in rows]
         for row, peak in zip(rows, peak_memory(specs, device, parallel=1 if device.type == "cuda" else 2)):
             row["peak_mib"] = peak
@@ -616,6 +674,7 @@ def main(args: argparse.Namespace) -> dict:
     seconds["data"] = lap()
     report["machine"]["load_average_end"] = os.getloadavg()
     report["targets"] = targets(report)
+    report["second_decoder"] = second_decoder(report["train"])
     print(render(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
