@@ -1,5 +1,7 @@
 """Shared fixtures: offline Hugging Face, the repo on sys.path, a tiny synthetic VOC set, the real VOC mini set."""
 import os
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -41,3 +43,29 @@ def fresh_accelerate():
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+def free_port() -> int:
+    """A port nobody listens on now (other test sessions may share the machine)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def launch_two_ranks():
+    """launch(script, *args, cwd=..., env=..., timeout=...): the script under `accelerate launch --multi_gpu
+    --num_processes 2` on the CPU (two gloo ranks, one thread each) on a free port. Another process may take that
+    port between the check and the bind: such a launch (EADDRINUSE) is tried once more, on another port."""
+
+    def launch(script, *args, cwd, env=None, timeout=600) -> subprocess.CompletedProcess:
+        for attempt in range(2):
+            cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--main_process_port", str(free_port()), str(script), *map(str, args)]
+            proc = subprocess.run(cmd, cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+                                  capture_output=True, text=True, timeout=timeout)
+            if attempt or "address already in use" not in proc.stderr.lower():
+                return proc
+
+    return launch

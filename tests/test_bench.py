@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from models import ModelConfig, build_model
-from models.decoder import DecoderBlock, unfolded
+from models.decoder import DecoderBlock
 from tools import bench
 
 

@@ -1,10 +1,6 @@
 """tools/evaluate.py: per-image scores, prediction at original size, TTA, report files, 2 processes = 1, real VOC."""
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -119,21 +115,12 @@ def test_parser_contract():
         ev.get_args_parser().parse_args(["--checkpoint", "c", "--data-root", "d", "--scales", "0,1"])
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_processes_count_each_image_once(tiny_voc, checkpoint, tmp_path, fresh_accelerate):
+def test_two_processes_count_each_image_once(tiny_voc, checkpoint, tmp_path, fresh_accelerate, launch_two_ranks):
     # 7 val images, batch 2, 2 processes: 8 slots, so the last batch is padded with a duplicate
     one = run_main("--checkpoint", checkpoint, "--data-root", tiny_voc, "--output", tmp_path / "one.json", "--batch-size", "2")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           str(REPO / "tools" / "evaluate.py"), "--checkpoint", str(checkpoint), "--data-root", str(tiny_voc),
-           "--output", str(tmp_path / "two.json"), "--batch-size", "2", "--workers", "0"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = launch_two_ranks(REPO / "tools" / "evaluate.py", "--checkpoint", checkpoint, "--data-root", tiny_voc,
+                            "--output", tmp_path / "two.json", "--batch-size", "2", "--workers", "0", cwd=tmp_path,
+                            timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = json.loads((tmp_path / "two.json").read_text())
     ids = (tiny_voc / "ImageSets/Segmentation/val.txt").read_text().split()

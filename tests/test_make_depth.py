@@ -2,7 +2,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -293,17 +292,10 @@ def test_killed_run_resumes_without_redoing_or_corrupting(tmp_path, dpt_dir):
     assert sorted(meta["shards"][0]["written"]) == sorted(set(ids) - set(done))
 
 
-def test_two_processes_write_disjoint_shards(tmp_path, dpt_dir):
+def test_two_processes_write_disjoint_shards(tmp_path, dpt_dir, launch_two_ranks):
     ids = make_voc(tmp_path)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-           str(port), "tools/make_depth.py", "--data-root", str(tmp_path), "--model", str(dpt_dir),
-           "--batch-size", "2", "--workers", "0"]
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    result = launch_two_ranks("tools/make_depth.py", "--data-root", tmp_path, "--model", dpt_dir, "--batch-size", "2",
+                              "--workers", "0", cwd=REPO, env={"CUDA_VISIBLE_DEVICES": ""}, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     voc = tmp_path / "VOCdevkit" / "VOC2012"
     meta = json.loads((voc / "PseudoDepth" / "meta.json").read_text())

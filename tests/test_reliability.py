@@ -5,7 +5,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -66,13 +65,6 @@ def snapshot(*folders) -> dict:
 
 def ids_of(root, split="train") -> list[str]:
     return (Path(root) / "ImageSets/Segmentation" / f"{split}.txt").read_text().split()
-
-
-def free_port() -> int:
-    """A port nobody listens on now (other test sessions may share the machine)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_palette(arr: np.ndarray, path: Path) -> None:
@@ -400,7 +392,7 @@ def test_resume_loads_everything_with_weights_only(tiny_voc, finished_run, tmp_p
 # ------------------------------------------------------------------------------------------------ two processes
 
 
-def test_a_failing_process_ends_a_two_process_run_quickly(tiny_voc, tmp_path):
+def test_a_failing_process_ends_a_two_process_run_quickly(tiny_voc, tmp_path, launch_two_ranks):
     """Rank 1 reads a bad label in epoch 1: every process exits, non-zero, well within the time limit, with the
     file named; epoch 0's checkpoint and its one log line (main process only) are intact."""
     root = tmp_path / "voc"
@@ -417,13 +409,11 @@ def test_a_failing_process_ends_a_two_process_run_quickly(tiny_voc, tmp_path):
     seed, bad = next((s, i) for s in range(50) for i in order(s, 1)[2:4] if i not in order(s, 0)[:12])
     bad_label_value(root, ids[bad])
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           str(REPO / "train.py"), "--data-root", str(root), "--output-dir", str(out), "--schedule", "s",
-           "--encoder", "resnet18", "--crop-size", "64", "--base-size", "64", "--batch-size", "2", "--workers", "0",
-           "--stage-epochs", "2", "--max-steps-per-epoch", "1", "--seed", str(seed), "--dist-timeout", "60"]
     tic = time.monotonic()
-    proc = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    proc = launch_two_ranks(REPO / "train.py", "--data-root", root, "--output-dir", out, "--schedule", "s",
+                            "--encoder", "resnet18", "--crop-size", "64", "--base-size", "64", "--batch-size", "2",
+                            "--workers", "0", "--stage-epochs", "2", "--max-steps-per-epoch", "1", "--seed", seed,
+                            "--dist-timeout", "60", cwd=tmp_path, env=ENV, timeout=300)
     elapsed = time.monotonic() - tic
     assert proc.returncode != 0 and elapsed < 120, (proc.returncode, elapsed)
     assert f"train.py: error: {root / 'SegmentationClass' / ids[bad]}.png: label values [42]" in proc.stderr

@@ -1,8 +1,5 @@
 """End to end: every schedule trains on the synthetic set; stage mechanics; two real CPU ranks."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -81,15 +78,11 @@ def test_decoder_outside_a_stage_is_bit_identical_and_gets_no_gradient(tiny_voc,
     }
 
 
-def test_two_cpu_ranks_split_the_epoch_and_count_validation_once(tiny_voc, tmp_path, fresh_accelerate):
+def test_two_cpu_ranks_split_the_epoch_and_count_validation_once(tiny_voc, tmp_path, fresh_accelerate, launch_two_ranks):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
-           str(REPO / "train.py"), "--data-root", str(tiny_voc), "--output-dir", str(out), "--schedule", "s_b",
-           "--encoder", "resnet18", "--crop-size", "64", "--base-size", "64", "--batch-size", "2",
-           "--stage-epochs", "1", "--workers", "0", "--val-batch-size", "1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    proc = launch_two_ranks(REPO / "train.py", "--data-root", tiny_voc, "--output-dir", out, "--schedule", "s_b",
+                            "--encoder", "resnet18", "--crop-size", "64", "--base-size", "64", "--batch-size", "2",
+                            "--stage-epochs", "1", "--workers", "0", "--val-batch-size", "1", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((out / "run_config.json").read_text())["world_size"] == 2
     lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]

@@ -1,9 +1,6 @@
 """Joint-stage loss weightings: DWA and uncertainty weighting by hand, and train.py runs with each."""
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -112,14 +109,10 @@ def test_uncertainty_weighting_resumes(tiny_voc, tmp_path, fresh_accelerate, mon
     assert len(seen) == 1 and torch.equal(seen[0], saved) and saved.abs().min() > 0  # not back at zero
 
 
-def test_uncertainty_weighting_on_two_cpu_ranks(tiny_voc, tmp_path):
+def test_uncertainty_weighting_on_two_cpu_ranks(tiny_voc, tmp_path, launch_two_ranks):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29519",
-           str(REPO / "train.py"), "--data-root", str(tiny_voc), "--output-dir", str(out), *TINY,
-           "--batch-size", "2", "--stage-epochs", "1", "--joint-weighting", "uncertainty"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                          text=True, timeout=600)
+    proc = launch_two_ranks(REPO / "train.py", "--data-root", tiny_voc, "--output-dir", out, *TINY,
+                            "--batch-size", "2", "--stage-epochs", "1", "--joint-weighting", "uncertainty", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     epoch = json.loads((out / "log.jsonl").read_text().splitlines()[0])
     assert epoch["world_size"] == 2 and epoch["train"]["w_seg"] != 1.0
