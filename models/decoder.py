@@ -103,8 +103,8 @@ class UnetDecoder(nn.Module):
 
 @contextmanager
 def unfolded(model: nn.Module):
-    """Inside, every DecoderBlock of `model` computes the plain way (upsample, concatenate, 3x3 convolution): the
-    same function, as smp's Unet computes it. tools/bench.py counts the network's FLOPs this way."""
+    """Inside, no DecoderBlock of `model` folds: each upsamples and runs the 3x3 convolution as smp's Unet does (the
+    same function and FLOPs). models.deploy.forward_flops counts the network's FLOPs this way."""
     blocks = [m for m in model.modules() if isinstance(m, DecoderBlock)]
     saved = [b.fold_upsample for b in blocks]
     try:
