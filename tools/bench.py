@@ -39,7 +39,7 @@ from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 
 import train  # noqa: E402
 from data import PRESETS, prepare_root  # noqa: E402
-from models import FocalLoss, ModelConfig, build_model, load_model, save_model  # noqa: E402
+from models import FocalLoss, ModelConfig, build_model, depth_loss, load_model, save_model  # noqa: E402
 from models.checkpoint import TrainState  # noqa: E402
 from models.decoder import DecoderBlock  # noqa: E402
 from models.deploy import forward_flops, seg_only  # noqa: E402
@@ -50,6 +50,7 @@ ACCELERATE_PRECISION = {"fp32": "no", "bf16": "bf16"}
 STAGES = {"seg": semantic(epochs=1), "both": both(epochs=1)}
 VOC_MINI = Path(os.environ.get("VOC_MINI", REPO.parent / "shared" / "data" / "voc2012-mini"))
 MIB = 2**20
+DEFAULTS = dict(compile=False, fused_adam=True, keep_memory=True, fold=True)  # train.py's; other values: ablations
 
 
 @dataclass(frozen=True)
@@ -214,14 +215,12 @@ def peer_focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2
 
 
 def smp_step(model, optimizer, batch: dict, device: torch.device, bf16: bool) -> torch.Tensor:
-    """A user's own loop: autocast forward, focal loss (+ depth MSE over the valid pixels), backward, Adam."""
+    """A user's own loop: autocast forward, focal loss (+ masked depth MSE, models.depth_loss), backward, Adam."""
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         out = model(batch["image"])
     if isinstance(out, tuple):
         logits, depth = out
-        valid = batch["depth"].isfinite()
-        mse = torch.where(valid, depth.float() - batch["depth"].nan_to_num(), 0).square().sum() / valid.sum().clamp(min=1)
-        loss = 0.85 * peer_focal_loss(logits, batch["label"]) + 0.15 * mse
+        loss = 0.85 * peer_focal_loss(logits, batch["label"]) + 0.15 * depth_loss(depth, batch["depth"])
     else:
         loss = peer_focal_loss(out, batch["label"])
     loss.backward()
@@ -518,7 +517,7 @@ def second_decoder(rows: list[dict]) -> list[dict]:
     out = []
     for b, s in dict.fromkeys((r["batch"], r["side"]) for r in rows):
         for p in ACCELERATE_PRECISION:
-            common = dict(batch=b, side=s, precision=p, compile=False, fused_adam=True, keep_memory=True, fold=True)
+            common = dict(batch=b, side=s, precision=p, **DEFAULTS)
             ratio = {}
             for peer, layout in (("ours", "CL"), ("smp", "NCHW" if p == "fp32" else "CL")):
                 seg, both = (pick(rows, peer=peer, task=t, layout=layout, **common) for t in ("seg", "both"))
@@ -541,7 +540,7 @@ def targets(report: dict) -> list[dict]:
         return row and row["images_per_s"]
 
     for b, s in {(r["batch"], r["side"]) for r in rows}:
-        shape = dict(batch=b, side=s, compile=False, fused_adam=True, keep_memory=True, fold=True)  # train.py's
+        shape = dict(batch=b, side=s, **DEFAULTS)
         ours = {p: ips(peer="ours", task="seg", precision=p, **shape) for p in ACCELERATE_PRECISION}
         smp_default = ips(peer="smp", task="seg", precision="fp32", layout="NCHW", **shape)
         smp_best = ips(peer="smp", task="seg", precision="bf16", layout="CL", **shape)
@@ -655,7 +654,7 @@ def main(args: argparse.Namespace) -> dict:
     report["train"], report["peaks"] = bench_training(settings, device, with_smp, args.compile)
     seconds["training"] = lap()
     if args.memory:
-        rows = [r for r in report["train"] if r["fused_adam"] and r["keep_memory"] and r["fold"] and not r["compile"]]
+        rows = [r for r in report["train"] if all(r[k] == v for k, v in DEFAULTS.items())]  # not the ablations
         specs = [TrainSpec(**{k: r[k] for k in TrainSpec.__dataclass_fields__}) for r in rows]
         for row, peak in zip(rows, peak_memory(specs, device, parallel=1 if device.type == "cuda" else 2)):
             row["peak_mib"] = peak
