@@ -30,6 +30,38 @@ def upsampled_kernel(weight: Tensor) -> Tensor:
     return w.transpose(0, 1)
 
 
+def phase_kernel_map() -> Tensor:
+    """(16, 9) 0/1 matrix taking a 3x3 kernel's taps (s, t) to the four 2x2 phase kernels' taps (a, b, p, q): along
+    each axis, output row 2m + a of a 3x3 convolution (padding 1) of a nearest 2x upsample sees input rows m - 1 + a
+    and m + a, with taps (w0, w1 + w2) for a = 0 and (w0 + w1, w2) for a = 1."""
+    taps = torch.tensor([[[1.0, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]])  # [a, p, s]
+    return torch.einsum("aps,bqt->abpqst", taps, taps).reshape(16, 9)
+
+
+def phase_conv(x: Tensor, weight: Tensor, kernel_map: Tensor) -> Tensor:
+    """conv3x3(nearest 2x upsample of x) as one 2x2 convolution of x itself (padding 1) with 4 x out channels, one
+    per output phase (a, b), interleaved: 16/36 of the multiply-adds (on an (h+1) x (w+1) grid), no upsampled tensor.
+
+    The phase kernel is a matmul of the 3x3 weight with `kernel_map` (cheap next to rebuilding a large kernel with
+    stacks), output channels ordered (o, a, b). A channels_last weight (training) gives a channels_last kernel and
+    output without copies; any other (an exported model) gives contiguous ones, so that the graph keeps x's layout.
+    """
+    B, _, h, w = x.shape
+    out, cin = weight.shape[:2]
+    channels_last = weight.stride(1) == 1  # a parameter's layout: static, no guard on x's symbolic sizes in export
+    k = torch.matmul(kernel_map, weight.permute(0, 2, 3, 1).reshape(out, 9, cin))  # (out, 16 = (a, b, p, q), cin)
+    k = k.view(out * 4, 2, 2, cin).permute(0, 3, 1, 2)  # (out * 4, cin, 2, 2), channels_last
+    y = F.conv2d(x, k if channels_last else k.contiguous(), padding=1)  # (B, out * 4, h + 1, w + 1)
+    y = y.unflatten(1, (out, 2, 2))  # (B, out, a, b, h + 1, w + 1)
+    # phase (a, b) of output pixel (2m + a, 2n + b) is y's pixel (m + a, n + b)
+    rows = [torch.stack([y[:, :, a, b, a:a + h, b:b + w] for b in (0, 1)], -1) for a in (0, 1)]  # (B, out, h, w, 2)
+    z = torch.stack(rows, 3).reshape(B, out, 2 * h, 2 * w)
+    return z.contiguous(memory_format=torch.channels_last) if channels_last else z
+
+
+FOLDS = (None, "transposed", "phases")
+
+
 class DecoderBlock(nn.Module):
     """Upsample 2x, concatenate the skip, two conv-BN-ReLU (smp's Unet block), for any input size.
 
@@ -38,25 +70,33 @@ class DecoderBlock(nn.Module):
     sizes the skip is one pixel short of the 2x grid: the block is smp's on the 2x grid with the skip zero-extended,
     cropped to the skip's size, so every pixel keeps the encoder's alignment (decoder pixel 2m+a comes from x's m).
 
-    With `fold_upsample` the nearest 2x upsample is folded into that convolution: conv3x3(up(x)) equals a stride-2
-    4x4 transposed convolution of x (`upsampled_kernel`), with 16/36 of the multiply-adds and no upsampled tensor.
-    On the CPU it makes the blocks at stride 16 and finer 1.2-2x faster (BENCHMARKS.md); the first block's kernel
-    (2048 x 256 for ResNet-50) is large for its few pixels, and rebuilding it every step costs more than it saves,
-    so UnetDecoder leaves that one unfolded.
+    `fold` folds the nearest 2x upsample into that convolution, computing conv3x3(up(x)) from x itself with 16/36 of
+    the multiply-adds and no upsampled tensor; same function, same parameters:
+    - "transposed": a stride-2 4x4 transposed convolution (`upsampled_kernel`), fastest with few channels;
+    - "phases": one 2x2 convolution giving the four output phases (`phase_conv`), fastest for a large kernel on a
+      small grid (the first block: 2048 x 256 channels at stride 32), where rebuilding a transposed kernel with
+      stacks and oneDNN's transposed weight gradient cost more than the fold saves;
+    - None: upsample, then the 3x3 convolution, as smp does.
+    Measurements: BENCHMARKS.md.
     """
 
-    def __init__(self, in_ch: int, skip_ch: int, out_ch: int, fold_upsample: bool = False):
+    def __init__(self, in_ch: int, skip_ch: int, out_ch: int, fold: str | None = None):
         super().__init__()
+        if fold not in FOLDS:
+            raise ValueError(f"fold must be one of {FOLDS}, got {fold!r}")
         self.in_ch = in_ch
-        self.fold_upsample = fold_upsample
+        self.fold = fold
         self.conv1 = conv_bn_relu(in_ch + skip_ch, out_ch)
         self.conv2 = conv_bn_relu(out_ch, out_ch)
+        self.register_buffer("kernel_map", phase_kernel_map(), persistent=False)  # not in checkpoints
 
     def forward(self, x: Tensor, skip: Tensor | None, size: tuple[int, int]) -> Tensor:
         conv, bn, relu = self.conv1
         w_up, w_skip = conv.weight.split([self.in_ch, conv.in_channels - self.in_ch], dim=1)  # backward: one cat
-        if self.fold_upsample:
+        if self.fold == "transposed":
             y = F.conv_transpose2d(x, upsampled_kernel(w_up), stride=2, padding=1)
+        elif self.fold == "phases":
+            y = phase_conv(x, w_up, self.kernel_map)
         else:
             y = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), w_up, padding=1)
         y = crop(y, size)
@@ -75,8 +115,8 @@ def crop(x: Tensor, size: tuple[int, int]) -> Tensor:
 
 
 class UnetDecoder(nn.Module):
-    """Five decoder blocks from stride 32 back to stride 1; channels derived from the encoder; all but the
-    first fold their upsample into their first convolution (see DecoderBlock)."""
+    """Five decoder blocks from stride 32 back to stride 1; channels derived from the encoder. Every block folds its
+    upsample into its first convolution (see DecoderBlock): the first in phases, the others transposed."""
 
     def __init__(self, encoder_channels: tuple[int, ...], decoder_channels: tuple[int, ...]):
         super().__init__()
@@ -88,9 +128,8 @@ class UnetDecoder(nn.Module):
         # deepest feature first; the last block has no skip (it returns to full resolution)
         skips = list(reversed(encoder_channels[:-1])) + [0]
         ins = [encoder_channels[-1]] + list(decoder_channels[:-1])
-        self.blocks = nn.ModuleList(
-            DecoderBlock(i, s, o, fold_upsample=k > 0) for k, (i, s, o) in enumerate(zip(ins, skips, decoder_channels))
-        )
+        folds = ["phases"] + ["transposed"] * (len(ins) - 1)
+        self.blocks = nn.ModuleList(DecoderBlock(*c, fold=f) for *c, f in zip(ins, skips, decoder_channels, folds))
         self.out_channels = decoder_channels[-1]
 
     def forward(self, features: list[Tensor], size: tuple[int, int]) -> Tensor:
@@ -106,11 +145,11 @@ def unfolded(model: nn.Module):
     """Inside, no DecoderBlock of `model` folds: each upsamples and runs the 3x3 convolution as smp's Unet does (the
     same function and FLOPs). models.deploy.forward_flops counts the network's FLOPs this way."""
     blocks = [m for m in model.modules() if isinstance(m, DecoderBlock)]
-    saved = [b.fold_upsample for b in blocks]
+    saved = [b.fold for b in blocks]
     try:
         for b in blocks:
-            b.fold_upsample = False
+            b.fold = None
         yield model
     finally:
         for b, fold in zip(blocks, saved):
-            b.fold_upsample = fold
+            b.fold = fold

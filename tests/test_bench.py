@@ -42,21 +42,26 @@ def test_forward_flops_equal_an_independent_conv_count():
 
 
 def test_executed_flops_are_the_folded_decoders():
-    """The folded blocks run a stride-2 4x4 transposed convolution on the low-resolution input instead of a 3x3
-    convolution on the upsampled one: 16 multiply-adds per input pixel and channel pair instead of 4 x 9."""
+    """A transposed fold runs a stride-2 4x4 transposed convolution on the low-resolution input instead of a 3x3
+    convolution on the upsampled one: 16 multiply-adds per input pixel and channel pair instead of 4 x 9. The phase
+    fold runs a 2x2 convolution with 4 x the output channels on the (h+1) x (w+1) grid, after a (out x 16 x 9 x in)
+    matmul building its kernel."""
     model = build_model(ModelConfig(encoder="resnet18")).eval()
     x = torch.randn(1, 3, 64, 96)
     saved, sizes = 0, []
     for block in model.decoders["seg"].blocks:
         block.register_forward_hook(lambda b, args, out: sizes.append((b, args[0].shape)))
     bench.forward_flops(model, x, executed=True, tasks=("seg",))
-    for block, shape in sizes:
-        if block.fold_upsample:
-            saved += 2 * shape[-2] * shape[-1] * block.in_ch * block.conv1[0].out_channels * (4 * 9 - 16)
-    assert saved > 0 and sum(isinstance(m, DecoderBlock) and m.fold_upsample for m in model.decoders["seg"].modules()) == 4
+    for block, (*_, h, w) in sizes:
+        pairs = block.in_ch * block.conv1[0].out_channels
+        if block.fold == "transposed":
+            saved += 2 * h * w * pairs * (4 * 9 - 16)
+        elif block.fold == "phases":
+            saved += 2 * pairs * (4 * h * w * 9 - (h + 1) * (w + 1) * 4 * 4 - 16 * 9)
+    assert [b.fold for b, _ in sizes] == ["phases"] + ["transposed"] * 4 and saved > 0
     executed, nominal = (bench.forward_flops(model, x, executed=e, tasks=("seg",)) for e in (True, False))
     assert executed == nominal - saved
-    assert all(b.fold_upsample == (i > 0) for i, b in enumerate(model.decoders["seg"].blocks))  # restored
+    assert [b.fold for b in model.decoders["seg"].blocks] == ["phases"] + ["transposed"] * 4  # restored
 
 
 def test_our_seg_model_costs_what_smps_unet_costs():
@@ -121,6 +126,7 @@ def test_run_interleaved_warms_up_then_goes_round_robin():
     assert all(len(c.times) == 6 and all(t >= 0 for t in c.times) for c in cases)
     row = cases[0].row()
     assert row["steps_timed"] == 6 and row["images_per_s"] == 1 / row["median_s"]
+    assert row["times_s"] == cases[0].times and row["median_s"] == sum(sorted(row["times_s"])[2:4]) / 2  # the raw steps
 
 
 def fake_report() -> dict:

@@ -6,7 +6,7 @@ from models import ModelConfig, build_model, load_model, save_model
 from models.checkpoint import drop_decoders
 import torch.nn.functional as F
 
-from models.decoder import DecoderBlock, UnetDecoder
+from models.decoder import FOLDS, DecoderBlock, UnetDecoder
 from models.encoder import ENCODERS, ResNetEncoder
 
 R18 = ModelConfig(encoder="resnet18", decoder_channels=(64, 32, 16, 16, 8))
@@ -96,13 +96,14 @@ def reference_block(block: DecoderBlock, x, skip, size):
     return block.conv2(relu(bn(y)))
 
 
-@pytest.mark.parametrize("fold", [True, False])
+@pytest.mark.parametrize("fold", FOLDS)
 @pytest.mark.parametrize("low, skip_size", [((8, 6), (16, 12)), ((5, 4), (9, 7)), ((4, 3), None)])
 def test_decoder_block_is_smps_block_folded_or_not(fold, low, skip_size):
-    """Folding the upsample into a transposed convolution and computing the first convolution by parts change
-    neither the outputs nor the gradients, at even and odd sizes, with and without a skip."""
+    """Folding the upsample into the first convolution (a transposed convolution, or four phases) and computing that
+    convolution by parts change neither the outputs nor the gradients, at even and odd sizes, with and without a
+    skip."""
     torch.manual_seed(0)
-    block = DecoderBlock(6, 5 if skip_size else 0, 7, fold_upsample=fold).double()
+    block = DecoderBlock(6, 5 if skip_size else 0, 7, fold=fold).double()
     x = torch.randn(2, 6, *low, dtype=torch.double, requires_grad=True)
     skip = torch.randn(2, 5, *skip_size, dtype=torch.double, requires_grad=True) if skip_size else None
     size = skip_size or (2 * low[0] - 1, 2 * low[1])
@@ -116,9 +117,18 @@ def test_decoder_block_is_smps_block_folded_or_not(fold, low, skip_size):
         torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-9)
 
 
-def test_decoder_folds_every_block_but_the_first():
+def test_decoder_folds_the_first_block_in_phases_the_others_transposed():
     decoder = UnetDecoder((64, 256, 512, 1024, 2048), (256, 128, 64, 32, 16))
-    assert [b.fold_upsample for b in decoder.blocks] == [False, True, True, True, True]
+    assert [b.fold for b in decoder.blocks] == ["phases"] + ["transposed"] * 4
+    with pytest.raises(ValueError, match="fold must be one of"):
+        DecoderBlock(4, 4, 4, fold="winograd")
+
+
+def test_phase_kernels_are_not_in_the_state_dict():
+    """The phase map is a fixed buffer: checkpoints, copy_decoder and exports see only smp's parameters."""
+    model = build_model(R18)
+    assert not any("kernel_map" in k for k in model.state_dict())
+    assert all(b.kernel_map.shape == (16, 9) for d in model.decoders.values() for b in d.blocks)
 
 
 def test_decoder_channel_mismatch_raises():

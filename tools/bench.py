@@ -64,7 +64,7 @@ class Settings:
     warmup: int = 2  # untimed steps per case
     steps: int = 6  # timed steps per case ...
     rounds: int = 3  # ... spread over this many interleaved rounds
-    infer_reps: int = 3
+    infer_reps: int = 5  # rounds at batch 8 (3x at batch 1): the same network twice must time within a few %
     mm_side: int = 4096
     conv_shapes: tuple[tuple[int, int, int], ...] = ((4, 64, 128), (4, 256, 64), (4, 512, 32))  # (batch, ch, side)
     loader_batches: int = 30
@@ -119,7 +119,8 @@ class Case:
     def row(self) -> dict:
         t = statistics.median(self.times)
         return {"name": self.name, **self.meta, "median_s": t, "images_per_s": self.images / t if self.images else None,
-                "flops_per_step": self.flops, "flops_per_s": self.flops / t, "steps_timed": len(self.times)}
+                "flops_per_step": self.flops, "flops_per_s": self.flops / t, "steps_timed": len(self.times),
+                "times_s": list(self.times)}
 
 
 def sync(device: torch.device) -> None:
@@ -158,7 +159,7 @@ def build_train_case(spec: TrainSpec, device: torch.device, accelerator: Acceler
             model = build_model(ModelConfig(encoder=spec.encoder, tasks=("seg", "depth"))).to(memory_format=torch.channels_last)
             for block in model.modules() if not spec.fold else ():
                 if isinstance(block, DecoderBlock):
-                    block.fold_upsample = False  # what the fold buys: the same network computed the plain way
+                    block.fold = None  # what the fold buys: the same network computed the plain way
             cache[key] = train.setup_stage(accelerator, model, stage, targs, None, None)[:2]
         model, optimizer = cache[key]
         counted = partial(forward_flops, accelerator.unwrap_model(model), tasks=stage.tasks)
