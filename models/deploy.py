@@ -52,7 +52,7 @@ def count_params(model: nn.Module) -> int:
 def forward_flops(model: nn.Module, x: Tensor, executed: bool = False, **kwargs) -> int:
     """FLOPs of one forward (a multiply-add counts 2), counted by torch's FlopCounterMode: those of the network as
     defined (the plain UNet, as smp and FLOP counters count it), or the `executed` ones (fewer: the decoder folds its
-    upsamples into transposed convolutions, models/decoder.py)."""
+    upsamples into its convolutions, models/decoder.py)."""
     counter = FlopCounterMode(display=False)
     with counter, (nullcontext() if executed else unfolded(model)):
         model(x, **kwargs)
