@@ -15,15 +15,21 @@ def conv_bn_relu(in_ch: int, out_ch: int) -> nn.Sequential:
     )
 
 
-def upsampled_kernel(weight: Tensor) -> Tensor:
-    """The stride-2 4x4 transposed-convolution kernel equal to a 3x3 convolution (padding 1) of a nearest 2x upsample.
+def phase_taps(w0: Tensor, w1: Tensor, w2: Tensor) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """Along one axis, output row 2m + a of a 3x3 convolution (padding 1) of a nearest 2x upsample sees input rows
+    m - 1 + a and m + a only: with taps (w0, w1 + w2) for a = 0 and (w0 + w1, w2) for a = 1. Both folds build their
+    kernels from this rule."""
+    return (w0, w1 + w2), (w0 + w1, w2)
 
-    Along each axis, output row 2m sees input rows (m-1, m) with taps (w0, w1 + w2) and row 2m+1 sees (m, m+1)
-    with (w0 + w1, w2); in conv_transpose2d's layout (stride 2, padding 1) that is the kernel
-    (w2, w1 + w2, w0 + w1, w0). (out, in, 3, 3) -> (in, out, 4, 4).
+
+def upsampled_kernel(weight: Tensor) -> Tensor:
+    """The stride-2 4x4 transposed-convolution kernel equal to a 3x3 convolution (padding 1) of a nearest 2x upsample:
+    per axis, the phase taps (`phase_taps`) in conv_transpose2d's order (stride 2, padding 1), (w2, w1 + w2, w0 + w1,
+    w0). (out, in, 3, 3) -> (in, out, 4, 4).
     """
-    def taps(w0: Tensor, w1: Tensor, w2: Tensor) -> list[Tensor]:  # unbind: its backward is one stack, not 3 copies
-        return [w2, w1 + w2, w0 + w1, w0]
+    def taps(*w: Tensor) -> list[Tensor]:  # from unbind: its backward is one stack, not 3 copies
+        (a0, b0), (a1, b1) = phase_taps(*w)
+        return [b1, b0, a1, a0]
 
     w = torch.stack(taps(*weight.unbind(-2)), dim=-2)
     w = torch.stack(taps(*w.unbind(-1)), dim=-1)
@@ -31,10 +37,9 @@ def upsampled_kernel(weight: Tensor) -> Tensor:
 
 
 def phase_kernel_map() -> Tensor:
-    """(16, 9) 0/1 matrix taking a 3x3 kernel's taps (s, t) to the four 2x2 phase kernels' taps (a, b, p, q): along
-    each axis, output row 2m + a of a 3x3 convolution (padding 1) of a nearest 2x upsample sees input rows m - 1 + a
-    and m + a, with taps (w0, w1 + w2) for a = 0 and (w0 + w1, w2) for a = 1."""
-    taps = torch.tensor([[[1.0, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]])  # [a, p, s]
+    """(16, 9) 0/1 matrix taking a 3x3 kernel's taps (s, t) to the four 2x2 phase kernels' taps (a, b, p, q), from
+    `phase_taps` applied to the unit taps."""
+    taps = torch.stack([torch.stack(phase) for phase in phase_taps(*torch.eye(3))])  # [a, p, s]
     return torch.einsum("aps,bqt->abpqst", taps, taps).reshape(16, 9)
 
 
