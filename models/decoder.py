@@ -17,8 +17,8 @@ def conv_bn_relu(in_ch: int, out_ch: int) -> nn.Sequential:
 
 def phase_taps(w0: Tensor, w1: Tensor, w2: Tensor) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
     """Along one axis, output row 2m + a of a 3x3 convolution (padding 1) of a nearest 2x upsample sees input rows
-    m - 1 + a and m + a only: with taps (w0, w1 + w2) for a = 0 and (w0 + w1, w2) for a = 1. Both folds build their
-    kernels from this rule."""
+    m - 1 + a and m + a only: with taps (w0, w1 + w2) for a = 0 and (w0 + w1, w2) for a = 1. The transposed fold
+    builds its kernel from this rule; the product fold sums its tap products by it (`tap_offset`)."""
     return (w0, w1 + w2), (w0 + w1, w2)
 
 
@@ -36,35 +36,40 @@ def upsampled_kernel(weight: Tensor) -> Tensor:
     return w.transpose(0, 1)
 
 
-def phase_kernel_map() -> Tensor:
-    """(16, 9) 0/1 matrix taking a 3x3 kernel's taps (s, t) to the four 2x2 phase kernels' taps (a, b, p, q), from
-    `phase_taps` applied to the unit taps."""
-    taps = torch.stack([torch.stack(phase) for phase in phase_taps(*torch.eye(3))])  # [a, p, s]
-    return torch.einsum("aps,bqt->abpqst", taps, taps).reshape(16, 9)
+def tap_offset(a: int, s: int) -> int:
+    """Along one axis, tap s of a 3x3 convolution (padding 1) of a nearest 2x upsample, at output row 2m + a, reads
+    input row m + tap_offset(a, s) - 1: (0, 1, 1) for a = 0 and (1, 1, 2) for a = 1, the rows of `phase_taps`."""
+    return (a + s + 1) // 2
 
 
-def phase_conv(x: Tensor, weight: Tensor, kernel_map: Tensor) -> Tensor:
-    """conv3x3(nearest 2x upsample of x) as one 2x2 convolution of x itself (padding 1) with 4 x out channels, one
-    per output phase (a, b), interleaved: 16/36 of the multiply-adds (on an (h+1) x (w+1) grid), no upsampled tensor.
+def product_conv(x: Tensor, weight: Tensor) -> Tensor:
+    """conv3x3(nearest 2x upsample of x) from the tap products W[:, :, s, t] @ x(i, j), each computed once per input
+    pixel by one matmul with 9 x out rows (9/36 of the plain multiply-adds: each product serves 4 output pixels),
+    then summed per output phase (a, b) from the products shifted by `tap_offset`. Fastest for many channels on a
+    small grid (the first block: 2048 -> 256 channels at stride 32), where the sums are cheap next to the products
+    (a 1x1 convolution computing them is 1.1-1.8x slower than the matmul).
 
-    The phase kernel is a matmul of the 3x3 weight with `kernel_map` (cheap next to rebuilding a large kernel with
-    stacks), output channels ordered (o, a, b). A channels_last weight (training) gives a channels_last kernel and
-    output without copies; any other (an exported model) gives contiguous ones, so that the graph keeps x's layout.
+    A bf16 matmul's products are summed in float32 (as a convolution sums its own), the result cast back. The
+    products and sums are contiguous whatever x's layout (flatten and slices only: an exported graph holds for every
+    input size); a channels_last weight (training) gives a channels_last result.
     """
-    B, _, h, w = x.shape
-    out, cin = weight.shape[:2]
-    channels_last = weight.stride(1) == 1  # a parameter's layout: static, no guard on x's symbolic sizes in export
-    k = torch.matmul(kernel_map, weight.permute(0, 2, 3, 1).reshape(out, 9, cin))  # (out, 16 = (a, b, p, q), cin)
-    k = k.view(out * 4, 2, 2, cin).permute(0, 3, 1, 2)  # (out * 4, cin, 2, 2), channels_last
-    y = F.conv2d(x, k if channels_last else k.contiguous(), padding=1)  # (B, out * 4, h + 1, w + 1)
-    y = y.unflatten(1, (out, 2, 2))  # (B, out, a, b, h + 1, w + 1)
-    # phase (a, b) of output pixel (2m + a, 2n + b) is y's pixel (m + a, n + b)
-    rows = [torch.stack([y[:, :, a, b, a:a + h, b:b + w] for b in (0, 1)], -1) for a in (0, 1)]  # (B, out, h, w, 2)
-    z = torch.stack(rows, 3).reshape(B, out, 2 * h, 2 * w)
-    return z.contiguous(memory_format=torch.channels_last) if channels_last else z
+    B, cin, h, w = x.shape
+    out = weight.shape[0]
+    taps = weight.permute(0, 2, 3, 1).reshape(out * 9, cin)  # rows (o, s, t): a view of a channels_last weight
+    p = torch.matmul(taps, x.flatten(2)).unflatten(2, (h, w))  # (B, (o, s, t), h, w)
+    dtype = p.dtype
+    p = F.pad(p.to(torch.promote_types(dtype, torch.float32)), (1, 1, 1, 1))  # the padded upsample's zero border
+    p = p.unflatten(1, (out, 3, 3))  # (B, out, s, t, h + 2, w + 2)
+    phases = []
+    for a in (0, 1):
+        rows = sum(p[:, :, s].narrow(-2, tap_offset(a, s), h) for s in range(3))  # (B, out, t, h, w + 2)
+        cols = [sum(rows[:, :, t].narrow(-1, tap_offset(b, t), w) for t in range(3)) for b in (0, 1)]
+        phases.append(torch.stack(cols, -1))  # (B, out, h, w, b)
+    z = torch.stack(phases, 3).reshape(B, out, 2 * h, 2 * w).to(dtype)  # pixel (2m + a, 2n + b) of phase (a, b)
+    return z.contiguous(memory_format=torch.channels_last) if weight.stride(1) == 1 else z
 
 
-FOLDS = (None, "transposed", "phases")
+FOLDS = (None, "transposed", "products")
 
 
 class DecoderBlock(nn.Module):
@@ -75,12 +80,13 @@ class DecoderBlock(nn.Module):
     sizes the skip is one pixel short of the 2x grid: the block is smp's on the 2x grid with the skip zero-extended,
     cropped to the skip's size, so every pixel keeps the encoder's alignment (decoder pixel 2m+a comes from x's m).
 
-    `fold` folds the nearest 2x upsample into that convolution, computing conv3x3(up(x)) from x itself with 16/36 of
-    the multiply-adds and no upsampled tensor; same function, same parameters:
-    - "transposed": a stride-2 4x4 transposed convolution (`upsampled_kernel`), fastest with few channels;
-    - "phases": one 2x2 convolution giving the four output phases (`phase_conv`), fastest for a large kernel on a
-      small grid (the first block: 2048 x 256 channels at stride 32), where rebuilding a transposed kernel with
-      stacks and oneDNN's transposed weight gradient cost more than the fold saves;
+    `fold` folds the nearest 2x upsample into that convolution, computing conv3x3(up(x)) from x itself with no
+    upsampled tensor; same function, same parameters:
+    - "transposed": a stride-2 4x4 transposed convolution (`upsampled_kernel`), 16/36 of the multiply-adds, fastest
+      with few channels on a large grid (blocks 2-5);
+    - "products": one matmul giving the 9 tap products of every input pixel, summed per output phase
+      (`product_conv`), 9/36 of the multiply-adds, fastest for many channels on a small grid (the first block:
+      2048 -> 256 channels at stride 32), 2x as fast as the transposed form there;
     - None: upsample, then the 3x3 convolution, as smp does.
     Measurements: BENCHMARKS.md.
     """
@@ -93,15 +99,14 @@ class DecoderBlock(nn.Module):
         self.fold = fold
         self.conv1 = conv_bn_relu(in_ch + skip_ch, out_ch)
         self.conv2 = conv_bn_relu(out_ch, out_ch)
-        self.register_buffer("kernel_map", phase_kernel_map(), persistent=False)  # not in checkpoints
 
     def forward(self, x: Tensor, skip: Tensor | None, size: tuple[int, int]) -> Tensor:
         conv, bn, relu = self.conv1
         w_up, w_skip = conv.weight.split([self.in_ch, conv.in_channels - self.in_ch], dim=1)  # backward: one cat
         if self.fold == "transposed":
             y = F.conv_transpose2d(x, upsampled_kernel(w_up), stride=2, padding=1)
-        elif self.fold == "phases":
-            y = phase_conv(x, w_up, self.kernel_map)
+        elif self.fold == "products":
+            y = product_conv(x, w_up)
         else:
             y = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), w_up, padding=1)
         y = crop(y, size)
@@ -121,7 +126,7 @@ def crop(x: Tensor, size: tuple[int, int]) -> Tensor:
 
 class UnetDecoder(nn.Module):
     """Five decoder blocks from stride 32 back to stride 1; channels derived from the encoder. Every block folds its
-    upsample into its first convolution (see DecoderBlock): the first in phases, the others transposed."""
+    upsample into its first convolution (see DecoderBlock): the first by tap products, the others transposed."""
 
     def __init__(self, encoder_channels: tuple[int, ...], decoder_channels: tuple[int, ...]):
         super().__init__()
@@ -133,7 +138,7 @@ class UnetDecoder(nn.Module):
         # deepest feature first; the last block has no skip (it returns to full resolution)
         skips = list(reversed(encoder_channels[:-1])) + [0]
         ins = [encoder_channels[-1]] + list(decoder_channels[:-1])
-        folds = ["phases"] + ["transposed"] * (len(ins) - 1)
+        folds = ["products"] + ["transposed"] * (len(ins) - 1)
         self.blocks = nn.ModuleList(DecoderBlock(*c, fold=f) for *c, f in zip(ins, skips, decoder_channels, folds))
         self.out_channels = decoder_channels[-1]
 

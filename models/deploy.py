@@ -96,6 +96,8 @@ def export_onnx(module: nn.Module, path: Path, exporter: str = "dynamo") -> None
         axes = {0: "batch", 2: "height", 3: "width"}
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=DeprecationWarning)
+            # a note, not a problem: it reverses F.pad's pads (the product fold) with a step -1 Slice it cannot fold
+            warnings.filterwarnings("ignore", message="Constant folding - Only steps=1", category=UserWarning)
             torch.onnx.export(module, example, str(path), dynamo=False, opset_version=LEGACY_OPSET,
                               dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes}, **names)
     else:

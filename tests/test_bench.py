@@ -43,9 +43,8 @@ def test_forward_flops_equal_an_independent_conv_count():
 
 def test_executed_flops_are_the_folded_decoders():
     """A transposed fold runs a stride-2 4x4 transposed convolution on the low-resolution input instead of a 3x3
-    convolution on the upsampled one: 16 multiply-adds per input pixel and channel pair instead of 4 x 9. The phase
-    fold runs a 2x2 convolution with 4 x the output channels on the (h+1) x (w+1) grid, after a (out x 16 x 9 x in)
-    matmul building its kernel."""
+    convolution on the upsampled one: 16 multiply-adds per input pixel and channel pair instead of 4 x 9. The product
+    fold's matmul makes 9 (each tap's product once)."""
     model = build_model(ModelConfig(encoder="resnet18")).eval()
     x = torch.randn(1, 3, 64, 96)
     saved, sizes = 0, []
@@ -56,12 +55,12 @@ def test_executed_flops_are_the_folded_decoders():
         pairs = block.in_ch * block.conv1[0].out_channels
         if block.fold == "transposed":
             saved += 2 * h * w * pairs * (4 * 9 - 16)
-        elif block.fold == "phases":
-            saved += 2 * pairs * (4 * h * w * 9 - (h + 1) * (w + 1) * 4 * 4 - 16 * 9)
-    assert [b.fold for b, _ in sizes] == ["phases"] + ["transposed"] * 4 and saved > 0
+        elif block.fold == "products":
+            saved += 2 * h * w * pairs * (4 * 9 - 9)
+    assert [b.fold for b, _ in sizes] == ["products"] + ["transposed"] * 4 and saved > 0
     executed, nominal = (bench.forward_flops(model, x, executed=e, tasks=("seg",)) for e in (True, False))
     assert executed == nominal - saved
-    assert [b.fold for b in model.decoders["seg"].blocks] == ["phases"] + ["transposed"] * 4  # restored
+    assert [b.fold for b in model.decoders["seg"].blocks] == ["products"] + ["transposed"] * 4  # restored
 
 
 def test_our_seg_model_costs_what_smps_unet_costs():
