@@ -13,7 +13,6 @@ Resumable: finished ids are skipped unless --overwrite.
 import argparse
 import json
 import os
-import shlex
 import sys
 import tempfile
 import time
