@@ -47,7 +47,7 @@ def product_conv(x: Tensor, weight: Tensor) -> Tensor:
     pixel by one matmul with 9 x out rows (9/36 of the plain multiply-adds: each product serves 4 output pixels),
     then summed per output phase (a, b) from the products shifted by `tap_offset`. Fastest for many channels on a
     small grid (the first block: 2048 -> 256 channels at stride 32), where the sums are cheap next to the products
-    (a 1x1 convolution computing them is 1.1-1.8x slower than the matmul).
+    (made by a 1x1 convolution instead of the matmul, the whole fold is 1.07-1.43x slower).
 
     A bf16 matmul's products are summed in float32 (as a convolution sums its own), the result cast back. The
     products and sums are contiguous whatever x's layout (flatten and slices only: an exported graph holds for every
@@ -86,7 +86,7 @@ class DecoderBlock(nn.Module):
       with few channels on a large grid (blocks 2-5);
     - "products": one matmul giving the 9 tap products of every input pixel, summed per output phase
       (`product_conv`), 9/36 of the multiply-adds, fastest for many channels on a small grid (the first block:
-      2048 -> 256 channels at stride 32), 2x as fast as the transposed form there;
+      2048 -> 256 channels at stride 32), where the plain and transposed forms are slower;
     - None: upsample, then the 3x3 convolution, as smp does.
     Measurements: BENCHMARKS.md.
     """
