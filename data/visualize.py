@@ -1,13 +1,16 @@
 """Colour images of labels and depth for TensorBoard, predict.py and evaluate.py."""
 import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
+from torchvision.transforms.v2.functional import pil_to_tensor
 
 from data.synthetic import VOC_PALETTE
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 PALETTE = torch.tensor(VOC_PALETTE, dtype=torch.uint8).view(-1, 3)  # (256, 3), 255 = boundary colour
 IMAGES_LOGGED = 4  # samples of the first validation batch shown in TensorBoard
+TITLE_HEIGHT = 14  # pixels of the white strip above a panel that names it (fits the default 10 px font)
 
 
 def colorize_label(label: Tensor) -> Tensor:
@@ -26,6 +29,13 @@ def colorize_depth(depth: Tensor) -> Tensor:
     return (rgb * 255 * valid).to(torch.uint8)
 
 
+def titled(panel: Tensor, title: str) -> Tensor:
+    """(3, H, W) uint8 -> (3, TITLE_HEIGHT + H, W): the panel under a white strip with its title."""
+    strip = Image.new("RGB", (panel.shape[2], TITLE_HEIGHT), "white")
+    ImageDraw.Draw(strip).text((2, TITLE_HEIGHT // 2), title, fill="black", font=ImageFont.load_default(), anchor="lm")
+    return torch.cat([pil_to_tensor(strip), panel.cpu()], dim=1)
+
+
 def denormalize(image: Tensor) -> Tensor:
     """Normalised (3, H, W) float -> uint8 RGB."""
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
@@ -35,8 +45,6 @@ def denormalize(image: Tensor) -> Tensor:
 
 def to_palette_png(label: Tensor | np.ndarray):
     """(H, W) class ids -> a PIL palette ('P') image, VOC colours, as the dataset stores labels."""
-    from PIL import Image
-
     arr = label.cpu().numpy() if isinstance(label, Tensor) else label
     img = Image.fromarray(arr.astype(np.uint8))
     img.putpalette(VOC_PALETTE)  # turns the grey image into a palette one, indices kept
@@ -44,14 +52,15 @@ def to_palette_png(label: Tensor | np.ndarray):
 
 
 def log_images(accelerator, batch: dict, outputs: dict, step: int) -> None:
-    """TensorBoard rows: input | label | prediction | pseudo depth | predicted depth."""
+    """TensorBoard rows of titled panels: input | label | prediction | pseudo depth | predicted depth."""
     writer = accelerator.get_tracker("tensorboard", unwrap=True)
     n = min(IMAGES_LOGGED, batch["image"].shape[0])
     for i in range(n):
-        row = [denormalize(batch["image"][i]), colorize_label(batch["label"][i]),
-               colorize_label(outputs["seg"][i].argmax(0))]
+        row = {"input": denormalize(batch["image"][i]), "label": colorize_label(batch["label"][i]),
+               "prediction": colorize_label(outputs["seg"][i].argmax(0))}
         if "depth" in batch:
-            row.append(colorize_depth(batch["depth"][i]))
+            row["pseudo depth"] = colorize_depth(batch["depth"][i])
         if "depth" in outputs:
-            row.append(colorize_depth(outputs["depth"][i]))
-        writer.add_image(f"val/{i}_input|label|pred|depth|pred_depth", torch.cat(row, dim=2), step)
+            row["predicted depth"] = colorize_depth(outputs["depth"][i])
+        panels = [titled(panel, title) for title, panel in row.items()]  # (3, TITLE_HEIGHT + H, W) each
+        writer.add_image(f"val/{i}_input|label|pred|depth|pred_depth", torch.cat(panels, dim=2), step)

@@ -1,5 +1,6 @@
 """PASCAL VOC 2012 segmentation in its distributed layout, with optional instances and pseudo depth."""
 import shlex
+import sys
 import warnings
 from pathlib import Path
 
@@ -25,12 +26,14 @@ class DataError(ValueError):
 
 
 class DataWarning(UserWarning):
-    """A data file that works but is probably not what was meant (8-bit or constant pseudo depth)."""
+    """A data file that works but is probably not what was meant (constant pseudo depth, found when read)."""
 
 
 def resolve_voc_root(path: str | Path) -> Path:
     """Accept VOCdevkit/VOC2012 itself or any folder above it."""
     path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: does not exist (expected VOCdevkit/VOC2012 with JPEGImages/, or a folder above it)")
     for candidate in (path, path / "VOC2012", path / "VOCdevkit" / "VOC2012"):
         if (candidate / "JPEGImages").is_dir():
             return candidate
@@ -170,10 +173,10 @@ class VOCSegmentation(Dataset):
         return found
 
     def warn(self, found: list[str]) -> None:
-        """One warning for all the files of a kind, not one per file."""
-        if found:
-            warnings.warn(f"{len(found)} of {len(self.ids)} samples of split {self.split!r}: {found[0]}"
-                          + (f" (and {len(found) - 1} more)" if len(found) > 1 else ""), DataWarning, stacklevel=3)
+        """One `warning: ...` line on stderr for all the files of a kind, not one per file."""
+        if found:  # printed, not warnings.warn: Python's format adds a source line that means nothing to a user
+            print(f"warning: {len(found)} of {len(self.ids)} samples of split {self.split!r}: {found[0]}"
+                  + (f" (and {len(found) - 1} more)" if len(found) > 1 else ""), file=sys.stderr)
 
     def read_image(self, idx: int) -> torch.Tensor:
         """Decoded RGB image (3, H, W) uint8."""

@@ -1,4 +1,5 @@
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -7,9 +8,10 @@ from PIL import Image
 from torchvision import tv_tensors
 
 from data import DataError, Depth, VOCSegmentation, collate, get_transform
+from data.voc import DataWarning
 from data.sampler import EpochSampler, SeededDataset
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from data.visualize import to_palette_png
+from data.visualize import TITLE_HEIGHT, colorize_depth, colorize_label, denormalize, log_images, to_palette_png
 
 
 def test_synthetic_samples_have_aligned_fields(tiny_voc):
@@ -106,6 +108,24 @@ def test_missing_depth_fails_fast_with_the_fix_command(tiny_voc, tmp_path):
     VOCSegmentation(root, "train", with_depth=False)  # a seg-only schedule does not need depth
 
 
+def test_8bit_and_constant_depth_warn_naming_the_file(tiny_voc, tmp_path, capsys):
+    root = copy_voc(tiny_voc, tmp_path / "voc")
+    eight, flat = (root / "ImageSets/Segmentation/train.txt").read_text().split()[:2]
+    depth16 = np.array(Image.open(root / "PseudoDepth" / f"{eight}.png"))
+    Image.fromarray((depth16 >> 8).astype(np.uint8)).save(root / "PseudoDepth" / f"{eight}.png")  # mode L
+    Image.fromarray(np.full((64, 64), 1000, np.uint16)).save(root / "PseudoDepth" / f"{flat}.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)  # printed as the other messages are, not a Python warning
+        ds = VOCSegmentation(root, "train", with_depth=True)
+    path = root / "PseudoDepth" / f"{eight}.png"  # one line, no "UserWarning", no source line under it
+    assert capsys.readouterr().err == (f"warning: 1 of 16 samples of split 'train': {path}: 8-bit pseudo depth "
+                                       "(expected 16-bit from tools/make_depth.py); read as 0..255\n")
+    depth = ds.load(0)["depth"]
+    assert torch.allclose(depth[0], torch.from_numpy((depth16 >> 8) / 255.0).float())  # 0..1, not 0..255/65535
+    with pytest.warns(DataWarning, match=rf"{flat}\.png: constant pseudo depth"):
+        ds.load(1)
+
+
 def test_empty_split_and_unreadable_image(tiny_voc, tmp_path):
     root = copy_voc(tiny_voc, tmp_path / "voc")
     (root / "ImageSets/Segmentation/empty.txt").write_text("\n")
@@ -115,6 +135,42 @@ def test_empty_split_and_unreadable_image(tiny_voc, tmp_path):
     (root / "JPEGImages" / f"{i}.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     with pytest.raises(DataError, match=rf"{i}\.jpg: unreadable image"):
         VOCSegmentation(root, "train")[0]
+
+
+def test_missing_root_says_it_does_not_exist(tmp_path):
+    with pytest.raises(DataError, match=rf"^{tmp_path / 'nowhere'}: does not exist \(expected VOCdevkit/VOC2012"):
+        VOCSegmentation(tmp_path / "nowhere")
+    with pytest.raises(DataError, match=rf"^{tmp_path}: not a VOC 2012 folder"):  # there, but without JPEGImages/
+        VOCSegmentation(tmp_path)
+
+
+class Writer:
+    """Stands in for TensorBoard's SummaryWriter: keeps what add_image got."""
+
+    def __init__(self):
+        self.images = {}
+
+    def add_image(self, tag, image, step):
+        self.images[tag] = image
+
+
+def test_tensorboard_panels_carry_titles():
+    g = torch.Generator().manual_seed(0)
+    batch = {"image": torch.randn(2, 3, 40, 64, generator=g), "label": torch.randint(0, 21, (2, 40, 64), generator=g),
+             "depth": torch.rand(2, 1, 40, 64, generator=g)}
+    outputs = {"seg": torch.randn(2, 21, 40, 64, generator=g), "depth": torch.rand(2, 1, 40, 64, generator=g)}
+    writer = Writer()
+    accelerator = type("Accelerator", (), {"get_tracker": lambda self, name, unwrap: writer})()
+    log_images(accelerator, batch, outputs, step=3)
+    row = writer.images["val/1_input|label|pred|depth|pred_depth"]
+    assert len(writer.images) == 2 and row.shape == (3, TITLE_HEIGHT + 40, 5 * 64) and row.dtype == torch.uint8
+    panels = [denormalize(batch["image"][1]), colorize_label(batch["label"][1]),
+              colorize_label(outputs["seg"][1].argmax(0)), colorize_depth(batch["depth"][1]),
+              colorize_depth(outputs["depth"][1])]
+    assert torch.equal(row[:, TITLE_HEIGHT:], torch.cat(panels, dim=2))  # the panels themselves are untouched
+    strips = row[:, :TITLE_HEIGHT].split(64, dim=2)  # input, label, prediction, pseudo depth, predicted depth
+    assert all((s == 255).all(0).float().mean() > 0.6 and (s.max(0).values < 128).sum() > 10 for s in strips)
+    assert len({s.numpy().tobytes() for s in strips}) == 5  # five different titles
 
 
 def test_real_voc_mini(voc_mini):

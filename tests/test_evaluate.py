@@ -95,15 +95,50 @@ def test_predict_ignores_batch_companions_and_tta_is_flip_equivariant():
     assert (plain - p).abs().max() > 1e-3  # the augmentation changed something
 
 
-def test_confusion_heat_map_is_row_normalised():
+def test_confusion_heat_map_is_row_normalised_and_labelled():
     mat = [[3, 1, 0], [0, 0, 0], [0, 5, 5]]
     img = np.array(ev.confusion_image(mat, ["bg", "a", "b"]))
-    left, top = img.shape[1] - 4 - 3 * ev.CELL, 2 * ev.CELL
+    font = ev.ImageFont.load_default()
+    left, top = ev.heat_map_origin(["0 bg", "1 a", "2 b"], font)
+    line = font.getbbox("Ag")[3] + ev.TEXT_PAD  # an axis title's strip
     cell = lambda r, c: img[top + r * ev.CELL + 3, left + c * ev.CELL + 3].tolist()  # noqa: E731
     low, high = np.array(ev.HEAT_LOW), np.array(ev.HEAT_HIGH)
     assert cell(0, 0) == np.round(low + 0.75 * (high - low)).astype(int).tolist()
     assert cell(2, 1) == cell(2, 2) == np.round(low + 0.5 * (high - low)).astype(int).tolist()
     assert cell(0, 2) == list(ev.HEAT_LOW) and cell(1, 1) == list(ev.HEAT_ABSENT)  # row 1 has no ground truth
+    dark = lambda region: int((region.max(-1) < 128).sum())  # noqa: E731  (pixels of black text)
+    columns = [img[line : top - ev.TEXT_PAD, left + c * ev.CELL : left + (c + 1) * ev.CELL] for c in range(3)]
+    assert all(dark(band) > 5 for band in columns)  # each column carries its class label
+    # renaming class 2 changes the label above column 2 only
+    other = np.array(ev.confusion_image(mat, ["bg", "a", "e"]))
+    assert ev.heat_map_origin(["0 bg", "1 a", "2 e"], font) == (left, top)
+    kept, renamed = slice(left, left + 2 * ev.CELL), slice(left + 2 * ev.CELL, left + 3 * ev.CELL)
+    assert (other[:top, kept] == img[:top, kept]).all() and (other[:top, renamed] != img[:top, renamed]).any()
+    assert dark(img[:line, left:]) > 10  # the "prediction" axis title
+    assert dark(img[top : top + 3 * ev.CELL, :line]) > 10  # the "ground truth" axis title, turned
+    legend = img[top + 3 * ev.CELL + 1 :]  # a grey swatch and the line that explains it
+    assert (legend == ev.HEAT_ABSENT).all(-1).sum() >= (ev.CELL // 2) ** 2 and dark(legend) > 100
+    assert ev.ABSENT_LEGEND.startswith("grey row: class absent from the ground truth")
+    assert img.shape[1] >= ev.CELL + font.getlength(ev.ABSENT_LEGEND)  # not cut off
+
+
+def test_nan_depth_metrics_are_explained_in_the_report():
+    evaluator = SegEvaluator(2)
+    label = torch.zeros(1, 4, 4, dtype=torch.long)
+    evaluator.update({"seg": torch.randn(1, 2, 4, 4), "depth": torch.rand(1, 1, 4, 4)},
+                     {"label": label, "depth": torch.zeros(1, 1, 4, 4)})  # constant maps stored as zeros
+    metrics = evaluator.compute()
+    assert math.isnan(metrics["depth_absrel"]) and metrics["depth_nan_reason"] == evaluator.depth.nan_reason()
+    settings = {"checkpoint": "c", "split": "val", "num_images": 1, "split_size": 1, "flip": False, "scales": [1.0],
+                "world_size": 1}
+    report = ev.build_report(metrics, {0: 1.0}, ["a"], ["bg", "fg"], ["iIoU not available"], settings)
+    assert report["depth_absrel"] is None and report["notes"] == ["iIoU not available", metrics["depth_nan_reason"]]
+    table = ev.markdown_table(report)
+    assert "| depth_absrel | – |" in table and f"- {metrics['depth_nan_reason']}" in table
+    evaluator.reset()
+    evaluator.update({"seg": torch.randn(1, 2, 4, 4), "depth": torch.rand(1, 1, 4, 4)},
+                     {"label": label, "depth": torch.rand(1, 1, 4, 4) + 0.1})
+    assert "depth_nan_reason" not in evaluator.compute()
 
 
 def test_parser_contract():

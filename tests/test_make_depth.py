@@ -26,6 +26,7 @@ from transformers.modeling_outputs import DepthEstimatorOutput
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from data.visualize import TITLE_HEIGHT  # noqa: E402
 from data.voc import DataError, depth_fix_command  # noqa: E402
 from tools import make_depth  # noqa: E402
 
@@ -58,18 +59,26 @@ def randomize(model: torch.nn.Module, head_bias: torch.nn.Parameter) -> None:
         head_bias.fill_(20.0)
 
 
-@pytest.fixture(scope="module")
-def dpt_dir(tmp_path_factory) -> Path:
-    """DPT head on a DINOv2 backbone with the NYU heads' processor (no resize, pad to 14)."""
-    out = tmp_path_factory.mktemp("dpt")
+def dpt_model_dir(out: Path, flat: bool = False) -> Path:
+    """DPT head on a DINOv2 backbone with the NYU heads' processor (no resize, pad to 14); flat: the head's last
+    conv zeroed, so the raw output is 0 everywhere, below the metric clamp (a degenerate model)."""
     config = DPTConfig(backbone_config=Dinov2Config(**BACKBONE, apply_layernorm=False), add_projection=False,
                        use_bias_in_fusion_residual=False, is_hybrid=False, **HEAD)
     model = DPTForDepthEstimation(config)
     randomize(model, model.head.head[-2].bias)
+    if flat:
+        with torch.no_grad():
+            model.head.head[-2].weight.zero_()
+            model.head.head[-2].bias.zero_()
     model.save_pretrained(out)
     DPTImageProcessor(do_resize=False, do_rescale=False, do_pad=True, size_divisor=14,
                       image_mean=(123.675, 116.28, 103.53), image_std=(58.395, 57.12, 57.375)).save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def dpt_dir(tmp_path_factory) -> Path:
+    return dpt_model_dir(tmp_path_factory.mktemp("dpt"))
 
 
 def depth_anything_dir(out: Path, estimation_type: str = "relative") -> Path:
@@ -120,8 +129,13 @@ def test_every_id_gets_full_range_map(tmp_path, kind, dpt_dir, da_dir):
     meta = json.loads((voc / "PseudoDepth" / "meta.json").read_text())
     assert meta["native"] == ("metric" if kind == "dpt" else "disparity")
     assert meta["count"] == meta["total"] == len(ids) and meta["complete"]
-    assert sorted(meta["shards"][0]["written"]) == ids
-    assert Image.open(voc / "PseudoDepth" / "preview.png").size[1] == 3 * make_depth.PREVIEW_HEIGHT
+    assert sorted(meta["shards"][0]["written"]) == ids and meta["shards"][0]["constant"] == meta["constant"] == 0
+    preview = np.array(Image.open(voc / "PseudoDepth" / "preview.png"))
+    row = make_depth.PREVIEW_HEIGHT + TITLE_HEIGHT
+    assert preview.shape[0] == 3 * row
+    for k in range(3):  # titles "input <id>" and "pseudo depth" on a white strip above each row's two panels
+        strip = preview[k * row : k * row + TITLE_HEIGHT]
+        assert (strip == 255).all(-1).mean() > 0.6 and (strip.max(-1) < 128).sum() > 20
     assert make_depth.missing_depth(voc, ids) == [] and make_depth.missing_depth(tmp_path, ids + ["x"]) == ["x"]
 
 
@@ -195,15 +209,51 @@ def test_to_stored_values_and_constant():
         make_depth.to_stored(torch.tensor([[1.0, float("nan")]]), "disparity")
 
 
-def test_constant_prediction_gives_zeros_and_a_warning(tmp_path, monkeypatch, dpt_dir, capsys):
-    ids = make_voc(tmp_path, sizes=[(50, 37), (56, 42)])
-    fake_loader(monkeypatch, lambda h, w: torch.full((h, w), 2.5))
+def test_constant_predictions_are_counted(tmp_path, monkeypatch, dpt_dir, capsys):
+    sizes = [(50, 37), (70, 42), (56, 42)]  # the DPT processor pads 50x37 to 56x42; 70x42 stays
+    ids = make_voc(tmp_path, sizes=sizes)
+    fake_loader(monkeypatch, lambda h, w: torch.full((h, w), 2.5) if w == 56 else ramp(h, w))
     run(tmp_path, dpt_dir)
-    err = capsys.readouterr().err
-    for id_, (w, h) in zip(ids, [(50, 37), (56, 42)]):
-        depth = read_png(tmp_path / "VOCdevkit" / "VOC2012" / "PseudoDepth" / f"{id_}.png")
-        assert depth.shape == (h, w) and not depth.any()
-        assert f"{id_}: constant depth prediction" in err
+    out, err = capsys.readouterr()
+    voc = tmp_path / "VOCdevkit" / "VOC2012"
+    for id_, (w, h) in zip(ids, sizes):
+        depth = read_png(voc / "PseudoDepth" / f"{id_}.png")
+        assert depth.shape == (h, w) and depth.any() == (w == 70)
+    lines = [line for line in err.splitlines() if "constant depth prediction" in line]
+    assert lines == [f"warning: {i}: constant depth prediction, writing zeros" for i in sorted([ids[0], ids[2]])]
+    assert "2 of 3 maps constant (stored as zeros)" in out.splitlines()
+    meta = json.loads((voc / "PseudoDepth" / "meta.json").read_text())
+    assert meta["constant"] == meta["shards"][0]["constant"] == 2 and meta["complete"]
+
+
+def test_degenerate_model_exits_non_zero_naming_it(tmp_path, capsys):
+    ids = make_voc(tmp_path, sizes=SIZES[:4])
+    flat = dpt_model_dir(tmp_path / "flat_dpt", flat=True)
+    with pytest.raises(SystemExit) as exit_:
+        run(tmp_path, flat)
+    assert exit_.value.code == (f"error: the output of depth model {flat} is degenerate: all 4 maps of this run are "
+                                "constant (stored as zeros, nothing to learn from). Check the model, its --revision "
+                                "and --native, then remake the maps with --overwrite")  # a str: exit status 1
+    out, err = capsys.readouterr()
+    assert "4 of 4 maps constant (stored as zeros)" in out.splitlines()
+    assert sum(f"{i}: constant depth prediction" in err for i in ids) == 4
+    voc = tmp_path / "VOCdevkit" / "VOC2012"
+    meta = json.loads((voc / "PseudoDepth" / "meta.json").read_text())
+    assert meta["constant"] == meta["shards"][0]["constant"] == 4 and sorted(meta["shards"][0]["written"]) == ids
+    assert not any(read_png(voc / "PseudoDepth" / f"{i}.png").any() for i in ids)
+
+
+def test_preview_of_existing_maps_keeps_the_record(tmp_path, dpt_dir):
+    ids = make_voc(tmp_path, sizes=SIZES[:4])
+    run(tmp_path, dpt_dir)
+    depth_dir = tmp_path / "VOCdevkit" / "VOC2012" / "PseudoDepth"
+    record = (depth_dir / "meta.json").read_bytes()
+    maps = {i: (depth_dir / f"{i}.png").read_bytes() for i in ids}
+    run(tmp_path, dpt_dir, "--preview", "2")
+    assert (depth_dir / "meta.json").read_bytes() == record  # still the run that wrote the 4 maps, at its speed
+    assert sorted(json.loads(record)["shards"][0]["written"]) == ids
+    assert {i: (depth_dir / f"{i}.png").read_bytes() for i in ids} == maps
+    assert Image.open(depth_dir / "preview.png").size[1] == 2 * (make_depth.PREVIEW_HEIGHT + TITLE_HEIGHT)
 
 
 def test_bad_input_errors_name_the_problem(tmp_path, dpt_dir):

@@ -282,3 +282,24 @@ def test_depth_stats_split_equal_all_at_once():
     a, b = whole.compute(), parts.compute()
     assert a == pytest.approx(b, abs=1e-12)
     assert 0.0 < a["depth_absrel"] < 1.0 and 0.0 < a["depth_delta1"] < 1.0
+
+
+def test_depth_nan_reason_names_the_cause_and_leaves_values():
+    pred = torch.tensor([[[1.0, 2.0], [3.0, 5.0]]])
+    zeros = DepthMetrics()  # the all-zero maps make_depth stores for a constant prediction
+    zeros.update(pred, torch.zeros(1, 2, 2))
+    m = zeros.compute()
+    assert m["depth_mse"] == pytest.approx((1 + 4 + 9 + 25) / 4)
+    assert math.isnan(m["depth_absrel"]) and math.isnan(m["depth_delta1"])
+    assert zeros.nan_reason().startswith("depth_absrel, depth_delta1: NaN because no pseudo depth target pixel is "
+                                         "above 0.001 (every map is 0 = farthest everywhere")
+    assert str(zeros).endswith(f"({zeros.nan_reason()})")
+    invalid = DepthMetrics()
+    invalid.update(pred, torch.full((1, 2, 2), float("nan")))
+    assert all(math.isnan(v) for v in invalid.compute().values())
+    assert invalid.nan_reason() == ("depth metrics: NaN because every pseudo depth target pixel is invalid "
+                                    "(NaN or padding)")
+    assert DepthMetrics().nan_reason() == invalid.nan_reason()  # nothing seen at all
+    fine = DepthMetrics()
+    fine.update(pred, torch.tensor([[[0.5, 0.0], [1.0, 0.25]]]))
+    assert fine.nan_reason() is None and "NaN" not in str(fine)

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 import train
 from data.checks import check_data
 from data.sampler import EpochSampler
-from data.voc import DataError, DataWarning, VOCSegmentation
+from data.voc import DataError, VOCSegmentation
 from models import ModelConfig, build_model, load_model
 from models import checkpoint as ckpt
 from models.checkpoint import CheckpointError, find_resume, publish
@@ -278,21 +278,6 @@ def test_bad_input_names_the_file_and_damages_nothing(corrupt, tiny_voc, finishe
         train.main(parse(root, finished_run, "--schedule", "b", "--stage-epochs", "2", "--resume", "auto"))
     assert snapshot(finished_run / "checkpoints", root / "PseudoDepth") == kept
     assert train_state(finished_run / "checkpoints" / "last")["epoch"] == 1
-
-
-def test_8bit_and_constant_depth_warn_naming_the_file(tiny_voc, tmp_path):
-    root = tmp_path / "voc"
-    shutil.copytree(tiny_voc, root)
-    eight, flat = ids_of(root)[:2]
-    depth16 = np.array(Image.open(root / "PseudoDepth" / f"{eight}.png"))
-    Image.fromarray((depth16 >> 8).astype(np.uint8)).save(root / "PseudoDepth" / f"{eight}.png")  # mode L
-    Image.fromarray(np.full((64, 64), 1000, np.uint16)).save(root / "PseudoDepth" / f"{flat}.png")
-    with pytest.warns(DataWarning, match=rf"1 of 16 samples of split 'train': .*{eight}\.png: 8-bit pseudo depth"):
-        ds = VOCSegmentation(root, "train", with_depth=True)
-    depth = ds.load(0)["depth"]
-    assert torch.allclose(depth[0], torch.from_numpy((depth16 >> 8) / 255.0).float())  # 0..1, not 0..255/65535
-    with pytest.warns(DataWarning, match=rf"{flat}\.png: constant pseudo depth"):
-        ds.load(1)
 
 
 def test_check_data_reports_every_problem_and_cli_exit_code(tiny_voc, tmp_path, capsys):

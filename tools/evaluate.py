@@ -34,6 +34,8 @@ from models.checkpoint import resolve_checkpoint
 from tools.metrics import ConfusionMatrix, SegEvaluator
 
 CELL = 24  # heat map cell, pixels
+TEXT_PAD = 4  # pixels around the heat map's texts
+ABSENT_LEGEND = "grey row: class absent from the ground truth (no labelled pixel); numbers: % of each row's pixels"
 HEAT_LOW, HEAT_HIGH, HEAT_ABSENT = (255, 255, 255), (8, 48, 107), (200, 200, 200)  # white -> dark blue; no GT: grey
 OVERLAY_ALPHA = 0.6  # class colour over the photo; background pixels keep the photo
 
@@ -141,7 +143,7 @@ def build_report(metrics: dict, per_image: dict, ids: list[str], names: list[str
         per_class=per_class,
         per_image_mIoU={ids[i]: v for i, v in sorted(per_image.items())},
         confusion_matrix=metrics["confusion_matrix"],
-        notes=notes,
+        notes=notes + ([metrics["depth_nan_reason"]] if "depth_nan_reason" in metrics else []),
         settings=settings,
     )
     return finite_or_none(report)
@@ -181,8 +183,24 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def vertical_text(text: str, font) -> Image.Image:
+    """Black text on white, turned to read bottom to top."""
+    _, _, right, bottom = font.getbbox(text)
+    strip = Image.new("RGB", (right + 2, bottom + 2), "white")
+    ImageDraw.Draw(strip).text((1, 1), text, fill="black", font=font)
+    return strip.rotate(90, expand=True)
+
+
+def heat_map_origin(labels: list[str], font) -> tuple[int, int]:
+    """(left, top) pixel of the first cell: room for an axis title and the longest class label on each side."""
+    line = font.getbbox("Ag")[3] + TEXT_PAD
+    longest = int(max(font.getlength(t) for t in labels)) + 2 * TEXT_PAD
+    return line + longest, line + longest
+
+
 def confusion_image(mat, names: list[str]) -> Image.Image:
-    """Row-normalised confusion matrix as a labelled heat map (rows: ground truth, columns: prediction)."""
+    """Row-normalised confusion matrix as a heat map, rows: ground truth, columns: prediction, both named; grey rows
+    (classes absent from the labels) explained in a legend line under it."""
     m = np.asarray(mat, dtype=np.float64)
     rows = m.sum(1, keepdims=True)
     norm = np.divide(m, rows, out=np.zeros_like(m), where=rows > 0)  # (K, K)
@@ -192,22 +210,28 @@ def confusion_image(mat, names: list[str]) -> Image.Image:
     cells = np.repeat(np.repeat(np.round(rgb).astype(np.uint8), CELL, 0), CELL, 1)
     cells[::CELL, :], cells[:, ::CELL] = HEAT_ABSENT, HEAT_ABSENT  # grid lines
     font = ImageFont.load_default()
-    draw_probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     labels = [f"{c} {n}" for c, n in enumerate(names)]
-    left = int(max(draw_probe.textlength(t, font=font) for t in labels)) + 8
-    top = 2 * CELL
-    img = Image.new("RGB", (left + cells.shape[1] + 4, top + cells.shape[0] + 4), "white")
+    left, top = heat_map_origin(labels, font)
+    bottom = top + cells.shape[0]
+    width = max(left + cells.shape[1], CELL + TEXT_PAD + int(font.getlength(ABSENT_LEGEND))) + TEXT_PAD
+    img = Image.new("RGB", (width, bottom + CELL + 2 * TEXT_PAD), "white")
     img.paste(Image.fromarray(cells), (left, top))
     draw = ImageDraw.Draw(img)
-    draw.rectangle([left, top, left + cells.shape[1], top + cells.shape[0]], outline=HEAT_ABSENT)
-    draw.text((4, 4), "rows: ground truth, columns: prediction, % of each row's pixels", fill="black", font=font)
+    draw.rectangle([left, top, left + cells.shape[1], bottom], outline=HEAT_ABSENT)
+    draw.text((left + cells.shape[1] // 2, TEXT_PAD), "prediction", fill="black", font=font, anchor="mt")
+    axis = vertical_text("ground truth", font)
+    img.paste(axis, (TEXT_PAD, top + (cells.shape[0] - axis.height) // 2))
     for c, text in enumerate(labels):
-        draw.text((4, top + c * CELL + CELL // 2), text, fill="black", font=font, anchor="lm")
-        draw.text((left + c * CELL + CELL // 2, top - CELL // 2), str(c), fill="black", font=font, anchor="mm")
+        draw.text((left - TEXT_PAD, top + c * CELL + CELL // 2), text, fill="black", font=font, anchor="rm")
+        name = vertical_text(text, font)
+        img.paste(name, (left + c * CELL + (CELL - name.width) // 2, top - TEXT_PAD - name.height))
     for (r, c), v in np.ndenumerate(norm):
         if v >= 0.005:
             draw.text((left + c * CELL + CELL // 2, top + r * CELL + CELL // 2), str(round(100 * v)),
                       fill="white" if v > 0.5 else "black", font=font, anchor="mm")
+    legend = bottom + TEXT_PAD + CELL // 2
+    draw.rectangle([TEXT_PAD, legend - CELL // 4, TEXT_PAD + CELL // 2, legend + CELL // 4], fill=HEAT_ABSENT)
+    draw.text((CELL + TEXT_PAD, legend), ABSENT_LEGEND, fill="black", font=font, anchor="lm")
     return img
 
 

@@ -1,8 +1,10 @@
 """Pseudo depth for a VOC-format folder with a DINOv2 depth model from transformers.
 
 Writes `PseudoDepth/<id>.png` (16-bit, the image's size, per-image min-max normalised
-inverse depth: 65535 = nearest, 0 = farthest) and `PseudoDepth/meta.json`.
-Resumable: finished ids are skipped unless --overwrite.
+inverse depth: 65535 = nearest, 0 = farthest) and `PseudoDepth/meta.json` (settings, and the record of the
+last run that wrote maps: per-process ids, speed, constant maps). Resumable: finished ids are skipped unless
+--overwrite. A constant prediction is stored as zeros; when every map a run writes is constant the model
+output is degenerate and the tool exits non-zero.
 
     python tools/make_depth.py --data-root datasets/VOCdevkit/VOC2012
     python tools/make_depth.py --data-root datasets/VOCdevkit --split all --fp16 \\
@@ -26,10 +28,11 @@ import torch.nn.functional as F
 from accelerate import PartialState
 from accelerate.utils import gather_object
 from PIL import Image
+from torchvision.transforms.v2.functional import pil_to_tensor
 from tqdm import tqdm
 
 from data import PRESETS
-from data.visualize import colorize_depth
+from data.visualize import colorize_depth, titled
 from data.voc import DataError, read_split, resolve_voc_root
 
 DEPTH_DIR = "PseudoDepth"
@@ -233,31 +236,34 @@ def write_meta(depth_dir: Path, meta: dict) -> None:
 
 
 def make_preview(root: Path, ids: list[str], out: Path) -> None:
-    """One PNG with a row image | coloured depth per id."""
+    """One PNG with a row of titled panels image | coloured depth per id."""
     rows = []
     for id_ in ids:
         image = open_image(root / "JPEGImages" / f"{id_}.jpg")
         stored = torch.from_numpy(np.array(Image.open(root / DEPTH_DIR / f"{id_}.png")).astype(np.float32))[None]
         depth = Image.fromarray(colorize_depth(stored).permute(1, 2, 0).numpy())  # the TensorBoard colours
         width = max(1, round(image.width * PREVIEW_HEIGHT / image.height))
-        pair = [im.resize((width, PREVIEW_HEIGHT), Image.BILINEAR) for im in (image, depth)]
-        rows.append(np.concatenate([np.asarray(p) for p in pair], axis=1))
-    width = max(r.shape[1] for r in rows)
-    grid = np.full((PREVIEW_HEIGHT * len(rows), width, 3), 255, dtype=np.uint8)
+        pair = [pil_to_tensor(im.resize((width, PREVIEW_HEIGHT), Image.BILINEAR)) for im in (image, depth)]
+        row = torch.cat([titled(pair[0], f"input {id_}"), titled(pair[1], "pseudo depth")], dim=2)
+        rows.append(row.permute(1, 2, 0).numpy())  # (TITLE_HEIGHT + PREVIEW_HEIGHT, W, 3)
+    height, width = rows[0].shape[0], max(r.shape[1] for r in rows)
+    grid = np.full((height * len(rows), width, 3), 255, dtype=np.uint8)
     for k, r in enumerate(rows):
-        grid[k * PREVIEW_HEIGHT : (k + 1) * PREVIEW_HEIGHT, : r.shape[1]] = r
+        grid[k * height : (k + 1) * height, : r.shape[1]] = r
     Image.fromarray(grid).save(out)
 
 
-def write_depth(id_: str, pred: torch.Tensor, native: str, depth_dir: Path) -> None:
-    """Convert one prediction to the stored convention and write it atomically."""
+def write_depth(id_: str, pred: torch.Tensor, native: str, depth_dir: Path) -> bool:
+    """Convert one prediction to the stored convention and write it atomically; True if it was constant."""
     try:
         stored = to_stored(pred, native)
     except FloatingPointError as e:
         raise FloatingPointError(f"{id_}: {e}") from e
-    if stored.max() == 0:
+    flat = not stored.any()
+    if flat:
         tqdm.write(f"warning: {id_}: constant depth prediction, writing zeros", file=sys.stderr)
     save_png_atomic(stored, depth_dir / f"{id_}.png")
+    return flat
 
 
 def run_shard(args, root: Path, ids: list[str], model, processor, native: str, dtype, state) -> dict:
@@ -267,18 +273,50 @@ def run_shard(args, root: Path, ids: list[str], model, processor, native: str, d
     loader = torch.utils.data.DataLoader(
         jobs, batch_size=None, num_workers=args.workers, pin_memory=state.device.type == "cuda"
     )
-    rank, written, start = state.process_index, [], time.perf_counter()
+    rank, written, constant, start = state.process_index, [], 0, time.perf_counter()
     bar = tqdm(total=len(ids), unit="img", desc=f"depth rank {rank}", disable=not state.is_main_process)
     for items in loader:
         for item, pred in zip(items, predict(model, items, state.device, dtype)):
-            write_depth(item["id"], pred, native, root / DEPTH_DIR)
+            constant += write_depth(item["id"], pred, native, root / DEPTH_DIR)
             written.append(item["id"])
         bar.update(len(items))
     bar.close()
     seconds = time.perf_counter() - start
     rate = len(written) / seconds if seconds > 0 else 0.0
     print(f"rank {rank}/{state.num_processes}: wrote {len(written)} maps in {seconds:.1f} s ({rate:.2f} images/s)")
-    return {"rank": rank, "written": written, "seconds": round(seconds, 3), "images_per_s": round(rate, 3)}
+    return {"rank": rank, "written": written, "constant": constant, "seconds": round(seconds, 3),
+            "images_per_s": round(rate, 3)}
+
+
+def run_record(settings: dict, split: str, ids: list[str], left: list[str], shards: list[dict], processes: int) -> dict:
+    """meta.json after a run that wrote maps: settings, what the folder holds, and this run's per-process stats."""
+    seconds = max(s["seconds"] for s in shards)
+    written = sum(len(s["written"]) for s in shards)
+    meta = {**settings, "split": split, "count": len(ids) - len(left), "total": len(ids)}
+    meta.update(complete=not left, processes=processes, shards=shards, constant=sum(s["constant"] for s in shards))
+    meta["images_per_s"] = round(written / seconds, 3) if seconds > 0 else 0.0
+    return meta
+
+
+def write_preview(root: Path, ids: list[str], left: list[str], count: int) -> None:
+    """PseudoDepth/preview.png of the first `count` ids that have a map."""
+    missing = set(left)
+    done = [i for i in ids if i not in missing]
+    make_preview(root, done[:count], root / DEPTH_DIR / PREVIEW_NAME)
+    print(f"preview: {root / DEPTH_DIR / PREVIEW_NAME}")
+
+
+def check_degenerate(shards: list[dict], model: str, state) -> None:
+    """Say how many maps of this run are constant; exit non-zero when all of them are (the model is broken)."""
+    written = sum(len(s["written"]) for s in shards)
+    constant = sum(s["constant"] for s in shards)
+    state.print(f"{constant} of {written} maps constant" + (" (stored as zeros)" if constant else ""))
+    if written and constant == written:
+        message = (f"error: the output of depth model {model} is degenerate: all {written} maps of this run are "
+                   "constant (stored as zeros, nothing to learn from). Check the model, its --revision and "
+                   "--native, then remake the maps with --overwrite")
+        # every rank exits non-zero, so that `accelerate launch` fails too; the main process says why
+        raise SystemExit(message if state.is_main_process else 1)
 
 
 def main(args):
@@ -301,25 +339,25 @@ def main(args):
             tmp.unlink()
         for id_ in todo if args.overwrite else []:  # so that a killed --overwrite run resumes without it
             (depth_dir / f"{id_}.png").unlink(missing_ok=True)
-        write_meta(depth_dir, {**settings, "split": args.split, "complete": False})
+        if todo:  # a run that writes nothing (a --preview of finished maps) keeps the record of the one that did
+            write_meta(depth_dir, {**settings, "split": args.split, "complete": False})
     state.wait_for_everyone()  # every process has listed `todo` before anyone writes
+    if not todo:
+        if args.preview > 0 and state.is_main_process:
+            write_preview(root, ids, [], args.preview)
+        state.wait_for_everyone()
+        return
     with state.split_between_processes(todo) as shard:
         stats = run_shard(args, root, shard, model, processor, native, dtype, state)
     shards = gather_object([stats])
     state.wait_for_everyone()
     if state.is_main_process:
         left = missing_depth(root, ids)
-        seconds = max(s["seconds"] for s in shards)
-        meta = {**settings, "split": args.split, "count": len(ids) - len(left), "total": len(ids)}
-        meta.update(complete=not left, processes=state.num_processes, shards=shards)
-        meta["images_per_s"] = round(sum(len(s["written"]) for s in shards) / seconds, 3) if seconds > 0 else 0.0
-        write_meta(depth_dir, meta)
+        write_meta(depth_dir, run_record(settings, args.split, ids, left, shards, state.num_processes))
         if args.preview > 0:
-            missing = set(left)
-            done = [i for i in ids if i not in missing]
-            make_preview(root, done[: args.preview], depth_dir / PREVIEW_NAME)
-            print(f"preview: {depth_dir / PREVIEW_NAME}")
+            write_preview(root, ids, left, args.preview)
     state.wait_for_everyone()
+    check_degenerate(shards, args.model, state)
 
 
 def get_args_parser():

@@ -295,9 +295,21 @@ class DepthMetrics:
             "depth_delta1": hits / n_ratio if n_ratio > 0 else math.nan,
         }
 
+    def nan_reason(self) -> str | None:
+        """Why compute() gives NaN depth metrics (None when it does not): no valid target, or none above DEPTH_EPS."""
+        n, _, n_ratio, _, _ = ([0.0] * self.STATS if self.total is None else self.total.tolist())
+        if n == 0:
+            return "depth metrics: NaN because every pseudo depth target pixel is invalid (NaN or padding)"
+        if n_ratio == 0:
+            return (f"depth_absrel, depth_delta1: NaN because no pseudo depth target pixel is above {DEPTH_EPS} "
+                    "(every map is 0 = farthest everywhere, as tools/make_depth.py stores a constant prediction); "
+                    "remake the maps with another depth model")
+        return None
+
     def __str__(self) -> str:
-        """One line of depth numbers."""
-        return "  ".join(f"{k} {v:.4f}" for k, v in self.compute().items())
+        """One line of depth numbers, and why some are NaN."""
+        reason = self.nan_reason()
+        return "  ".join(f"{k} {v:.4f}" for k, v in self.compute().items()) + (f"  ({reason})" if reason else "")
 
 
 class SegEvaluator:
@@ -340,7 +352,7 @@ class SegEvaluator:
 
     def compute(self) -> dict:
         """mIoU, fg_mIoU, pixel_acc, mean_acc, iou, absent_classes, confusion_matrix (nested list), iIoU and
-        depth metrics when they were measured."""
+        depth metrics when they were measured, depth_nan_reason (text) when depth metrics are NaN."""
         k = self.num_classes
         mat = self.confmat.mat.cpu() if self.confmat.mat is not None else torch.zeros(k, k, dtype=torch.int64)
         metrics = {**self.confmat.compute(), "confusion_matrix": mat.tolist()}
@@ -348,4 +360,6 @@ class SegEvaluator:
             metrics.update(self.iiou.compute())
         if self.has_depth:
             metrics.update(self.depth.compute())
+            if reason := self.depth.nan_reason():
+                metrics["depth_nan_reason"] = reason
         return metrics
