@@ -55,7 +55,8 @@ def test_layout_and_lists(root: Path) -> None:
     meta = json.loads((root / "PseudoDepth/meta.json").read_text())
     assert meta["model"] == "synthetic-ground-truth" and meta["native_output"] == "metric_depth"
     assert meta["count"] == len(train) + len(val)
-    assert json.loads((root / "SYNTHETIC.json").read_text()) == {**PARAMS, "version": synthetic.GENERATOR_VERSION}
+    assert json.loads((root / "SYNTHETIC.json").read_text()) == {**PARAMS, "depth_cue": 0.0,
+                                                                 "version": synthetic.GENERATOR_VERSION}
     assert [p.name for p in root.parent.iterdir()] == ["set"]  # no temporary sibling left behind
 
 
@@ -170,10 +171,91 @@ def test_cli_parser_and_clash(tmp_path: Path) -> None:
     from tools.make_synthetic import get_args_parser, main
 
     args = get_args_parser().parse_args(["--out", str(tmp_path / "set")])
-    assert (args.num_train, args.num_val, args.size, args.seed, args.overwrite) == (300, 60, 128, 0, False)
+    assert (args.num_train, args.num_val, args.size, args.seed, args.overwrite) == (1000, 200, 96, 0, False)
+    assert args.depth_cue == 0.0
+    assert get_args_parser().parse_args(["--out", "x", "--depth-cue"]).depth_cue == synthetic.CUE_TESTBED
     small = ["--out", str(tmp_path / "set"), "--num-train", "2", "--num-val", "1", "--size", "32"]
     main(get_args_parser().parse_args(small))
     with pytest.raises(ValueError, match="overwrite"):
         main(get_args_parser().parse_args(small + ["--seed", "1"]))
     main(get_args_parser().parse_args(small + ["--seed", "1", "--overwrite"]))
     assert json.loads((tmp_path / "set/SYNTHETIC.json").read_text())["seed"] == 1
+
+
+def read(root: Path, folder: str, name: str) -> np.ndarray:
+    """One file of a set as an array (images as float RGB)."""
+    ext = ".jpg" if folder == "JPEGImages" else ".png"
+    image = Image.open(root / folder / f"{name}{ext}")
+    return np.asarray(image.convert("RGB") if folder == "JPEGImages" else image).astype(np.float64)
+
+
+def edge_contrast(root: Path) -> tuple[float, float]:
+    """Mean |colour step| across object/background edges and across background-only pixel pairs (PAIR_GAP apart)."""
+    edge, flat = [], []
+    for name in ids(root, "trainval"):
+        image, label = read(root, "JPEGImages", name), read(root, "SegmentationClass", name)
+        left, right = label[:, :-PAIR_GAP], label[:, PAIR_GAP:]
+        step = np.abs(image[:, :-PAIR_GAP] - image[:, PAIR_GAP:]).sum(-1)
+        edge.append(step[(left == 0) != (right == 0)])
+        flat.append(step[(left == 0) & (right == 0)])
+    return np.concatenate(edge).mean(), np.concatenate(flat).mean()
+
+
+@pytest.fixture(scope="module")
+def cue_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The depth-cue family with the same parameters and seed as `root`."""
+    return make_synthetic(tmp_path_factory.mktemp("cue") / "set", **PARAMS, depth_cue=1.0)
+
+
+def test_depth_cue_keeps_geometry_and_changes_only_the_look(root: Path, cue_root: Path) -> None:
+    for name in ids(root, "trainval"):
+        for folder in ("SegmentationClass", "SegmentationObject", "PseudoDepth"):
+            np.testing.assert_array_equal(read(cue_root, folder, name), read(root, folder, name))
+    assert (cue_root / "JPEGImages/syn_train_00000.jpg").read_bytes() != (root / "JPEGImages/syn_train_00000.jpg").read_bytes()
+    assert json.loads((cue_root / "SYNTHETIC.json").read_text())["depth_cue"] == 1.0
+
+
+def class_saturations(root: Path) -> np.ndarray:
+    """Saturation of each class's mean colour over the set: what colour alone says about the class."""
+    colours = {}
+    for name in ids(root, "trainval"):
+        image, label = read(root, "JPEGImages", name), read(root, "SegmentationClass", name)
+        for c in np.unique(label):
+            if 0 < c < 255:
+                colours.setdefault(int(c), []).append(image[label == c])
+    means = np.stack([np.concatenate(v).mean(0) for v in colours.values()])  # (classes, 3)
+    return (means.max(1) - means.min(1)) / means.max(1)
+
+
+def test_depth_cue_hides_objects_from_colour(root: Path, cue_root: Path) -> None:
+    # colour family: saturated class colours on grey ground; measured 0.45-0.85, object edges ~11x ground steps
+    assert class_saturations(root).min() > 0.4
+    edge, flat = edge_contrast(root)
+    assert edge > 6 * flat
+    # depth-cue family: objects wear the ground's colour and stripes (measured: saturation <= 0.15, edges half as
+    # strong, what is left is the break in the ground's stripes and the shading)
+    assert class_saturations(cue_root).max() < 0.2
+    assert edge_contrast(cue_root)[0] < 0.6 * edge
+
+
+def test_default_val_split_has_every_class() -> None:
+    params = {**synthetic.DEFAULTS, "seed": 0}
+    seen = set()
+    for i in range(params["num_val"]):
+        scene = synthetic._render_scene(np.random.default_rng([params["seed"], 1, i]), params["size"])
+        seen |= set(np.unique(scene["label"]).tolist())
+    assert seen == set(range(21)) | {255}
+
+
+def test_old_generator_version_is_regenerated_or_refused(tmp_path: Path) -> None:
+    out = make_synthetic(tmp_path / "set", **PARAMS)
+    meta = out / "SYNTHETIC.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "version": synthetic.GENERATOR_VERSION - 1}))
+    with pytest.raises(ValueError, match=f"generator version {synthetic.GENERATOR_VERSION - 1}, this code makes "
+                                         f"version {synthetic.GENERATOR_VERSION}"):
+        make_synthetic(out, **PARAMS)
+    from data import prepare_root
+
+    assert prepare_root("synthetic", out) == out  # the default path: regenerated with its own parameters
+    assert json.loads(meta.read_text()) == {**PARAMS, "depth_cue": 0.0, "version": synthetic.GENERATOR_VERSION}
+    assert [p.name for p in tmp_path.iterdir()] == ["set"]
