@@ -26,8 +26,9 @@ from data.checks import check_data, skip_bad
 from data.sampler import EpochSampler, SeededDataset
 from data.visualize import log_images
 from models import FocalLoss, ModelConfig, build_model, depth_loss
-from models.checkpoint import (CheckpointError, TrainState, fault_point, find_resume, load_extra, read_checkpoint,
-                               rewind_log, save_checkpoint)
+from models.checkpoint import (CheckpointError, RunLog, TrainState, fault_point, find_resume, load_extra,
+                               read_checkpoint, refuse_overwrite, save_checkpoint, write_json_atomic,
+                               write_json_line)
 from models.weighting import WEIGHTINGS, build_weighting, for_stage, trainable_params
 from schedules import SCHEDULES, copy_plan, get_schedule, lr_factor, schedule_tasks
 from tools.metrics import SegEvaluator
@@ -66,15 +67,16 @@ def criterion(outputs: dict, batch: dict, weights: dict, focal: FocalLoss, joint
 
 
 @torch.no_grad()
-def evaluate(model, loader, accelerator, num_classes: int, tasks: tuple[str, ...], log_step: int | None = None) -> dict:
-    """Validation over the whole split; every sample counted exactly once across processes."""
+def evaluate(model, loader, accelerator, num_classes: int, tasks: tuple[str, ...], keep: list | None = None) -> dict:
+    """Validation over the whole split; every sample counted exactly once across processes. The main process
+    appends the first (batch, outputs) to `keep` if given (TensorBoard's images)."""
     model.eval()
     evaluator = SegEvaluator(num_classes)  # the same metric code as tools/evaluate.py
     for i, batch in enumerate(loader):
         outputs = model(batch["image"].contiguous(memory_format=torch.channels_last), tasks=tasks)
         evaluator.update(outputs, batch, accelerator)
-        if i == 0 and log_step is not None and accelerator.is_main_process:
-            log_images(accelerator, batch, outputs, log_step)
+        if i == 0 and keep is not None and accelerator.is_main_process:
+            keep.append((batch, outputs))
     return evaluator.compute()
 
 
@@ -90,9 +92,12 @@ def train_step(model, optimizer, batch, accelerator, tasks, weights, focal, clip
     return loss, terms
 
 
-def train_one_epoch(model, optimizer, loader, accelerator, stage, focal, state: TrainState, args, save, joint=None) -> dict:
-    """One pass over the (remaining) batches of an epoch, calling save() every --checkpoint-every steps; returns the
-    epoch's average losses (and joint weights)."""
+def train_one_epoch(model, optimizer, loader, accelerator, stage, focal, state: TrainState, args, save, joint=None,
+                    log=None) -> dict:
+    """One pass over the (remaining) batches of an epoch, calling save() every --checkpoint-every steps and
+    log(values, step) (default accelerator.log) every --log-every; returns the epoch's average losses (and joint
+    weights)."""
+    log = log or (lambda values, step: accelerator.log(values, step=step))
     model.train()
     weights = stage.weights()
     weighting = accelerator.unwrap_model(joint) if joint is not None else None
@@ -123,7 +128,7 @@ def train_one_epoch(model, optimizer, loader, accelerator, stage, focal, state: 
             watch.check(accelerator, state, stage)
             logs = {f"train/{t}": v.item() for t, v in {**terms, **effective}.items()}
             img_s = seen * accelerator.num_processes / (time.perf_counter() - tic)
-            accelerator.log({**logs, "train/loss": loss.item(), "train/lr": lr, "train/img_per_s": img_s}, step=state.global_step)
+            log({**logs, "train/loss": loss.item(), "train/lr": lr, "train/img_per_s": img_s}, state.global_step)
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", img_s=f"{img_s:.1f}")
         bar.update(1)
         if args.checkpoint_every and state.global_step % args.checkpoint_every == 0 and state.step < state.steps_per_epoch:
@@ -192,24 +197,13 @@ def copy_weights(accelerator, model, src: str, dst: str, where: str, out: Path) 
 
 def run_data_checks(args, preset) -> dict:
     """--check-data: decode every sample of both splits, print a report, train nothing."""
-    root = prepare_root(args.dataset, args.data_root or preset.data_root)
+    root = prepare_root(args.dataset, args.data_root)
     tasks = schedule_tasks(get_schedule(args.schedule, args.stage_epochs, preset.epochs))
+    print(f"checking for schedule {args.schedule} " + ("(needs pseudo depth: pass --schedule s to check a seg-only run)"
+                                                       if "depth" in tasks else "(needs no pseudo depth)"))
     report, errors = check_data(root, [preset.train_split, preset.val_split], "depth" in tasks, preset.num_classes, args.workers)
     print(report)
     return {"errors": errors}
-
-
-def write_json_atomic(path: Path, record: dict) -> None:
-    """Write JSON next to `path`, then rename: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, path)
-
-
-def write_json_line(path: Path, record: dict) -> None:
-    """Append one JSON line and flush it to disk."""
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 def keep_freed_memory() -> bool:
@@ -225,6 +219,7 @@ def keep_freed_memory() -> bool:
 
 def main(args):
     preset = PRESETS[args.dataset]
+    args = preset.fill(args)
     if args.check_data:
         return run_data_checks(args, preset)
     if args.deterministic:
@@ -249,19 +244,15 @@ def main(args):
     if args.copy_weights and not copies:
         accelerator.print(f"--copy-weights: schedule {args.schedule} has no decoder to copy from; nothing copied")
     with accelerator.main_process_first():
-        root = prepare_root(args.dataset, args.data_root or preset.data_root)
-    batch_size, crop = args.batch_size or preset.batch_size, args.crop_size or preset.crop_size
+        root = prepare_root(args.dataset, args.data_root)
+    batch_size, crop = args.batch_size, args.crop_size
     train_loader, val_loader = get_dataloaders(args, preset, root, "depth" in tasks, batch_size, crop, accelerator)
     skipped = {ds.split: len(ds.skipped) for ds in (train_loader.dataset.dataset, val_loader.dataset)}
     config = ModelConfig(encoder=args.encoder, tasks=tasks, num_classes=preset.num_classes)
-    model = build_model(config, args.encoder_weights or preset.encoder_weights).to(memory_format=torch.channels_last)
+    model = build_model(config, args.encoder_weights).to(memory_format=torch.channels_last)
     focal = FocalLoss(args.focal_gamma)
     run_config = {**vars(args), "data_root": str(root), "batch_size": batch_size, "crop_size": crop,
                   "stages": [asdict(s) for s in stages], "model": asdict(config), "world_size": accelerator.num_processes}
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "run_config.json").write_text(json.dumps(run_config, indent=2, default=str))
-    accelerator.init_trackers("tensorboard")  # the run's settings are in run_config.json
 
     state = TrainState(schedule=args.schedule)
     weighting = build_weighting(args.joint_weighting, tasks, args.dwa_temperature)  # None: the paper's fixed weights
@@ -270,10 +261,11 @@ def main(args):
     resume = find_resume(args.resume, out)
     if resume is not None:  # where it stands first: rebuild that stage, then load_state into it
         state = read_checkpoint(resume, model, args.schedule)
-        if accelerator.is_main_process:
-            rewind_log(out / "log.jsonl", state)
-    elif args.resume == "auto":
-        accelerator.print(f"--resume auto: no checkpoint in {out / 'checkpoints'}, starting from scratch")
+    else:
+        refuse_overwrite(out, args.resume)
+        if args.resume == "auto":
+            accelerator.print(f"--resume auto: no checkpoint in {out / 'checkpoints'}, starting from scratch")
+    run_log = RunLog(accelerator, out, run_config, state, resumed=resume is not None)  # writes nothing yet
     metrics = {}
     while state.stage < len(stages):
         stage = stages[state.stage]
@@ -295,11 +287,17 @@ def main(args):
                 loader.set_epoch(epoch_key)
 
             def save():
+                run_log.open()
                 save_checkpoint(accelerator, model, out, state, extra=extra)
 
-            losses = train_one_epoch(model, optimizer, loader, accelerator, stage, focal, state, args, save, joint)
-            metrics = evaluate(model, val_dl, accelerator, preset.num_classes, tasks, log_step=state.global_step)
-            accelerator.log({f"val/{k}": v for k, v in metrics.items() if isinstance(v, float)}, step=state.global_step)
+            losses = train_one_epoch(model, optimizer, loader, accelerator, stage, focal, state, args, save, joint,
+                                     log=run_log.log)
+            shown = []  # the first validation batch, for TensorBoard
+            metrics = evaluate(model, val_dl, accelerator, preset.num_classes, tasks, keep=shown)
+            run_log.open()  # an epoch trained and validated: the run starts writing into its folder
+            if shown:
+                log_images(accelerator, *shown[0], state.global_step)
+            run_log.log({f"val/{k}": v for k, v in metrics.items() if isinstance(v, float)}, step=state.global_step)
             accelerator.print(f"stage {state.stage} ({stage.name}) epoch {state.epoch}: "
                               + " ".join(f"{k}={v:.4f}" for k, v in {**losses, **metrics}.items() if isinstance(v, float)))
             is_best = metrics["mIoU"] > state.best_miou
@@ -339,15 +337,19 @@ def get_args_parser():
     p.add_argument("--stage-epochs", type=parse_int_list, default=None, help="E or E1,E2,... (default: the dataset preset's)")
     p.add_argument("--dataset", default="synthetic", choices=sorted(PRESETS), help="dataset preset")
     p.add_argument("--data-root", default=None, help="dataset folder (default: the preset's; synthetic is generated there)")
-    p.add_argument("--encoder", default="resnet50", choices=["resnet18", "resnet34", "resnet50", "resnet101"], help="ResNet encoder")
+    p.add_argument("--encoder", default=None, choices=["resnet18", "resnet34", "resnet50", "resnet101"],
+                   help="ResNet encoder (default: the preset's; voc: resnet50 as in the paper, synthetic: resnet18)")
     p.add_argument("--encoder-weights", default=None, help="imagenet | none | PATH (default: the preset's)")
     p.add_argument("--batch-size", type=int, default=None, help="images per process per step (default: the preset's)")
     p.add_argument("--val-batch-size", type=int, default=4, help="validation images per process per step")
     p.add_argument("--crop-size", type=int, default=None, help="training crop (default: the preset's)")
     p.add_argument("--base-size", type=int, default=None, help="random-rescale base size (default: the preset's)")
-    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (paper: 1e-4)")
-    p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"], help="per-stage lr shape (paper: constant)")
-    p.add_argument("--warmup", type=float, default=0.0, help="fraction of each stage spent in linear warmup")
+    p.add_argument("--lr", type=float, default=None,
+                   help="Adam learning rate (default: the preset's; voc: 1e-4 as in the paper, synthetic: 1e-3)")
+    p.add_argument("--lr-schedule", default=None, choices=["constant", "cosine"],
+                   help="per-stage lr shape (default: the preset's; voc: constant as in the paper, synthetic: cosine)")
+    p.add_argument("--warmup", type=float, default=None,
+                   help="fraction of each stage spent in linear warmup (default: the preset's; voc: 0, synthetic: 0.05)")
     p.add_argument("--focal-gamma", type=float, default=2.0, help="focal loss gamma (paper: 2)")
     p.add_argument("--loss-weights", type=lambda s: tuple(float(x) for x in s.split(",")), default=(0.85, 0.15),
                    help="seg,depth weights of the joint stage (paper: 0.85,0.15)")

@@ -20,7 +20,9 @@ CONTRACT_KEYS = {"mIoU", "fg_mIoU", "pixel_acc", "iIoU"}
 
 
 def parse(root, out, *extra):
-    return train.get_args_parser().parse_args(["--data-root", str(root), "--output-dir", str(out), *TINY, *extra])
+    """train.py's args with the synthetic preset's defaults filled in, as main() fills them."""
+    args = train.get_args_parser().parse_args(["--data-root", str(root), "--output-dir", str(out), *TINY, *extra])
+    return PRESETS["synthetic"].fill(args)
 
 
 @pytest.mark.parametrize("copy", [False, True], ids=["plain", "copy"])

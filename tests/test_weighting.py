@@ -13,7 +13,8 @@ from models.weighting import DynamicWeightAverage, UncertaintyWeighting, build_w
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--encoder", "resnet18", "--crop-size", "64", "--base-size", "64", "--batch-size", "4",
-        "--max-steps-per-epoch", "2", "--workers", "0", "--val-batch-size", "4", "--schedule", "b"]
+        "--max-steps-per-epoch", "2", "--workers", "0", "--val-batch-size", "4", "--schedule", "b",
+        "--lr-schedule", "constant", "--warmup", "0"]  # 2 steps: the synthetic preset's warmup would keep lr ~0
 
 
 def test_dwa_weights_by_hand():

@@ -147,13 +147,18 @@ def make_batch(batch: int, side: int, device: torch.device, seed: int = 0) -> di
     return {"image": image.to(device), "label": label.to(device), "depth": depth.to(device)}
 
 
+def train_defaults(argv: list[str], dataset: str = "voc"):
+    """train.py's settings for argv with the dataset preset's defaults (voc: the paper's)."""
+    return PRESETS[dataset].fill(train.get_args_parser().parse_args(argv))
+
+
 def build_train_case(spec: TrainSpec, device: torch.device, accelerator: Accelerator | None, cache: dict,
                      count: bool = True) -> Case:
     """The project's step (train.train_step after train.setup_stage) or smp's Unet in a plain loop; FLOPs if `count`."""
     batch = make_batch(spec.batch, spec.side, device)
     key = replace(spec, batch=0, side=0)  # one model (and optimizer) per key, shared by the batch sizes
     if spec.peer == "ours":
-        targs = train.get_args_parser().parse_args([] if spec.fused_adam else ["--no-fused-adam"])  # train.py's defaults
+        targs = train_defaults([] if spec.fused_adam else ["--no-fused-adam"])
         stage = STAGES[spec.task]
         if key not in cache:
             model = build_model(ModelConfig(encoder=spec.encoder, tasks=("seg", "depth"))).to(memory_format=torch.channels_last)
@@ -465,7 +470,7 @@ def loader_batches(loader):
 
 def bench_loader(dataset: str, root: Path, batch: int, side: int, n_batches: int) -> dict:
     """Images/s of train.py's training DataLoader alone (default workers), after its first batch."""
-    targs = train.get_args_parser().parse_args([])
+    targs = train_defaults([], dataset)
     need_depth = (root / "PseudoDepth").is_dir()  # the joint stage reads depth too: the heavier case
     loader, _ = train.get_dataloaders(targs, PRESETS[dataset], root, need_depth, batch, side)
     batches = loader_batches(loader)
@@ -481,7 +486,7 @@ def bench_loader(dataset: str, root: Path, batch: int, side: int, n_batches: int
 def bench_end_to_end(settings: Settings, dataset: str, root: Path, device: torch.device, precision: str) -> dict:
     """train.train_one_epoch fed by the real DataLoader: data loading and the step share the machine."""
     batch, side = settings.train_shapes[0]
-    targs = train.get_args_parser().parse_args([])
+    targs = train_defaults([], dataset)
     if device.type == "cpu":
         train.keep_freed_memory()  # as train.py's main does
     accelerator = fresh_accelerator(precision, device)
