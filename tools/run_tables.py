@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,7 @@ sys.path.insert(0, str(REPO))
 
 from models.weighting import WEIGHTINGS  # noqa: E402
 from schedules import SCHEDULES  # noqa: E402
+from tools import sweep_stats  # noqa: E402
 
 METRICS = ("mIoU", "fg_mIoU", "iIoU", "pixel_acc")
 PAPER_KEYS = ("mIoU", "iIoU", "pixel_acc")  # what the paper reports
@@ -121,14 +123,15 @@ def is_finished(folder: Path) -> bool:
     return (folder / "metrics.json").is_file()
 
 
-def run_cell(cmd: list[str], folder: Path, keep_checkpoints: bool) -> bool:
+def run_cell(cmd: list[str], folder: Path, keep_checkpoints: bool, threads: int | None = None) -> bool:
     """Run one cell in a fresh process (clean Accelerate state), output to its train.log; True on success."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
     folder.mkdir(parents=True, exist_ok=True)
     tic = time.perf_counter()
     with open(folder / "train.log", "a") as log:
         log.write(f"$ {shlex.join(cmd)}\n")
         log.flush()
-        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
     wall = time.perf_counter() - tic
     if rc != 0 or not is_finished(folder):
         tail = (folder / "train.log").read_text(errors="replace").splitlines()[-15:]
@@ -166,12 +169,8 @@ def load_results(out: Path, cells: list[Cell], seeds: list[int]) -> dict[Cell, l
 
 def summarise(records: list[dict]) -> dict[str, tuple[float, float, int]]:
     """{metric: (mean, sample std (n-1; 0 for one seed), n)} over the seeds that have the metric."""
-    out = {}
-    for key in METRICS:
-        values = [r[key] for r in records if key in r]
-        if values:
-            out[key] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values))
-    return out
+    stats = {key: sweep_stats.summarise([r[key] for r in records if key in r]) for key in METRICS}
+    return {key: stat for key, stat in stats.items() if stat is not None}
 
 
 def fmt(stat: tuple[float, float, int] | None) -> str:
@@ -220,37 +219,6 @@ def write_csv(rows: list[Row], results: dict[Cell, list[dict]], out: Path) -> No
             for r in records:
                 w.writerow([cell.name, r["seed"], *(r.get(m, "") for m in METRICS),
                             "+".join(map(str, r.get("stage_epochs", []))), f"{r.get('wall_s', 0):.1f}"])
-
-
-def bar_chart(rows: list[Row], results: dict[Cell, list[dict]], path: Path, metric: str = "mIoU") -> None:
-    """Horizontal bars of `metric` (mean, whiskers at ± std) for every row of both tables, drawn with PIL."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    font = ImageFont.load_default(size=14)
-    label_w, bar_w, row_h, top = 190, 480, 26, 40
-    img = Image.new("RGB", (label_w + bar_w + 130, top + row_h * len(rows) + 30), "white")
-    draw = ImageDraw.Draw(img)
-    stats = [summarise(results.get(r.cell, [])).get(metric) for r in rows]
-    scale = bar_w / max([0.05] + [m + s for m, s, _ in filter(None, stats)])
-    draw.text((10, 10), f"{metric}, mean ± std over seeds, one bar per row (2: table 2, 3: table 3)", fill="black", font=font)
-    for i, (row, stat) in enumerate(zip(rows, stats)):
-        y = top + i * row_h
-        colour = (70, 110, 180) if row.table == "Table 2" else (220, 130, 50)
-        draw.text((10, y + 4), f"{row.table[-1]}: {row.cell.name}", fill="black", font=font)
-        if stat is None:
-            draw.text((label_w, y + 4), "not run", fill="grey", font=font)
-            continue
-        mean, std, _ = stat
-        x0 = label_w
-        draw.rectangle([x0, y + 4, x0 + mean * scale, y + row_h - 4], fill=colour)
-        if std > 0:
-            cy = y + row_h // 2
-            lo = max(mean - std, 0.0)  # metrics live in 0..1: the whisker stops at the axis
-            draw.line([x0 + lo * scale, cy, x0 + (mean + std) * scale, cy], fill="black", width=2)
-            for x in (lo, mean + std):
-                draw.line([x0 + x * scale, cy - 5, x0 + x * scale, cy + 5], fill="black", width=2)
-        draw.text((x0 + (mean + std) * scale + 8, y + 4), f"{mean:.4f}", fill="black", font=font)
-    img.save(path)
 
 
 def machine() -> str:
@@ -321,16 +289,33 @@ def validate(args) -> None:
     if args.budget and args.budget < max(len(stages) for stages in SCHEDULES.values()):
         raise SystemExit(f"error: --budget {args.budget} is less than the stages of the longest schedule "
                          f"({max(len(stages) for stages in SCHEDULES.values())}: 1 epoch each at least)")
-    if args.seeds < 1:
-        raise SystemExit("error: --seeds must be at least 1")
+    if args.seeds < 1 or args.jobs < 1:
+        raise SystemExit("error: --seeds and --jobs must be at least 1")
+
+
+BASELINE = Cell("s", False)  # table 2 row 1: every other row is compared with it, seed by seed
+JOINT = Cell("b", False)  # table 2 row 2, conventional joint training: the other reference
+
+
+def curves(out: Path, cells: list[Cell], seeds: list[int], metric: str = "fg_mIoU") -> dict[str, list]:
+    """{cell name: mean validation curve over its seeds} from the runs' log.jsonl."""
+    runs = {c.name: [sweep_stats.read_curve(out / "runs" / c.name / f"seed{s}", metric) for s in seeds] for c in cells}
+    return {name: curve for name, per_seed in runs.items() if (curve := sweep_stats.mean_curve(per_seed))}
 
 
 def write_report(out: Path, args, rows: list[Row], results: dict[Cell, list[dict]]) -> None:
-    """results.md, results.csv, results_seeds.csv and results.png in `out`."""
+    """results.md, results.csv, results_seeds.csv, results.png (bars) and results_curves.png in `out`."""
     title = f"# Paper tables 2 and 3 on `{args.dataset}`, {args.seeds} seed(s)\n\n"
-    (out / "results.md").write_text(title + report_header(args, results) + "\n" + markdown_tables(rows, results))
+    mean_curves = curves(out, list(results), list(range(args.first_seed, args.first_seed + args.seeds)))
+    plot = ("Validation fg_mIoU against training step, mean over seeds: [results_curves.png](results_curves.png). "
+            + sweep_stats.baseline_note(mean_curves.get(BASELINE.name, [])) + "\n\n")
+    (out / "results.md").write_text(title + report_header(args, results) + "\n" + markdown_tables(rows, results)
+                                    + "\n" + sweep_stats.differences(rows, results, BASELINE) + "\n"
+                                    + sweep_stats.differences(rows, results, JOINT) + "\n" + plot)
     write_csv(rows, results, out)
-    bar_chart(rows, results, out / "results.png")
+    sweep_stats.bar_chart(rows, results, out / "results.png")
+    sweep_stats.curve_plot(mean_curves, out / "results_curves.png",
+                           f"validation fg_mIoU against step, mean over seeds ({args.dataset})")
 
 
 def main(args) -> int:
@@ -344,16 +329,21 @@ def main(args) -> int:
         raise SystemExit(f"error: unknown --cells {sorted(unknown)}; choose from {[c.name for c in cells]}")
     todo = [c for c in cells if c.name in args.cells] if args.cells else cells  # the report still shows every row
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-    failed = []
     jobs = [(seed, cell) for seed in seeds for cell in todo]  # seed-major: a stopped sweep still fills every row
-    for i, (seed, cell) in enumerate(jobs):
+    # several runs at once share the cores: each gets its part as threads (small models scale badly across threads)
+    threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
+
+    def job(i: int, seed: int, cell: Cell) -> str | None:
         folder = out / "runs" / cell.name / f"seed{seed}"
         if is_finished(folder):
             print(f"[{i + 1}/{len(jobs)}] {cell.name} seed {seed}: finished before, skipped")
-            continue
+            return None
         print(f"[{i + 1}/{len(jobs)}] {cell.name} seed {seed}: training in {folder}", flush=True)
-        if not run_cell(cell_command(cell, seed, folder, args), folder, args.keep_checkpoints):
-            failed.append(f"{cell.name}/seed{seed}")
+        ok = run_cell(cell_command(cell, seed, folder, args), folder, args.keep_checkpoints, threads)
+        return None if ok else f"{cell.name}/seed{seed}"
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        failed = [f for f in pool.map(lambda j: job(j[0], *j[1]), enumerate(jobs)) if f]
     results = load_results(out, cells, seeds)
     write_report(out, args, rows, results)
     print(f"wrote {out / 'results.md'}, results.csv, results_seeds.csv, results.png")
@@ -378,6 +368,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="train only these cells (names as in runs/, e.g. s d_s_b_copy); the report shows every row")
     p.add_argument("--launcher", default=shlex.quote(sys.executable),
                    help='how to start train.py, e.g. "accelerate launch --num_processes 8" (default: this python)')
+    p.add_argument("--jobs", type=int, default=1, help="train this many runs at once, the cores split between them "
+                   "(small models on a CPU train faster side by side than on all threads each)")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep each run's checkpoints/ (default: deleted "
                    "once the run finished; the tables need only metrics.json)")
     p.add_argument("train_args", nargs="*", help="after `--`: arguments for every train.py run")

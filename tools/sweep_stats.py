@@ -1,0 +1,185 @@
+"""Statistics and curves for tools/run_tables.py: paired differences over seeds with 95% CIs, validation curves.
+
+Seeds pair the runs: seed k of every schedule starts from the same weights and sees the same batches in the
+same order (train.py is deterministic in the seed), so schedule - baseline is compared seed by seed, which
+removes the part of the seed-to-seed spread that both runs share.
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+# Two-sided 95% quantiles of Student's t, t_{0.975}(df), for df = 1..30; beyond, the table's tail (df 40, 60, 120)
+# and the normal's 1.960. Values from any statistics table (e.g. scipy.stats.t.ppf(0.975, df)).
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+T975_TAIL = ((40, 2.021), (60, 2.000), (120, 1.980))
+Z975 = 1.960
+
+
+def t975(df: int) -> float:
+    """t_{0.975} with df degrees of freedom (df >= 1); between the tail's entries, the next smaller df's value."""
+    if df < 1:
+        raise ValueError(f"need at least 1 degree of freedom, got {df}")
+    if df <= len(T975):
+        return T975[df - 1]
+    value = T975[-1]
+    for at, t in T975_TAIL:
+        if df >= at:
+            value = t
+    return value if df < 1000 else Z975
+
+
+def summarise(values: list[float]) -> tuple[float, float, int] | None:
+    """(mean, sample std (n-1; 0 for one value), n), or None for no values."""
+    if not values:
+        return None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)
+
+
+def paired_difference(values: dict[int, float], baseline: dict[int, float]) -> dict | None:
+    """Mean of values[seed] - baseline[seed] over the seeds both have, with its 95% t interval; None if < 2 seeds."""
+    seeds = sorted(set(values) & set(baseline))
+    if len(seeds) < 2:
+        return None
+    diffs = [values[s] - baseline[s] for s in seeds]
+    mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
+    half = t975(len(diffs) - 1) * sd / math.sqrt(len(diffs))
+    return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": len(diffs), "sd": sd}
+
+
+def verdict(diff: dict | None) -> str:
+    """Plain words for a paired difference: better, worse, or no difference the seeds can tell."""
+    if diff is None:
+        return "too few seeds"
+    if diff["lo"] > 0:
+        return "better"
+    if diff["hi"] < 0:
+        return "worse"
+    return "not distinguishable"
+
+
+def read_curve(folder: Path, metric: str = "fg_mIoU") -> list[tuple[int, float]]:
+    """(global step, validation metric) after every epoch of one run, from its log.jsonl."""
+    path = folder / "log.jsonl"
+    if not path.is_file():
+        return []
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [(line["global_step"], line["val"][metric]) for line in lines if metric in line.get("val", {})]
+
+
+def mean_curve(curves: list[list[tuple[int, float]]]) -> list[tuple[int, float]]:
+    """Mean over runs of curves validated at the same steps (the steps common to all of them)."""
+    curves = [dict(c) for c in curves if c]
+    if not curves:
+        return []
+    steps = sorted(set.intersection(*(set(c) for c in curves)))
+    return [(s, statistics.fmean(c[s] for c in curves)) for s in steps]
+
+
+def is_flat(curve: list[tuple[int, float]], last: int = 3, tol: float = 0.02) -> bool:
+    """True if the curve's last `last` points lie within `tol` of each other (trained to a plateau)."""
+    tail = [v for _, v in curve[-last:]]
+    return len(tail) == last and max(tail) - min(tail) <= tol
+
+
+def differences(rows: list, results: dict, baseline, metrics=("fg_mIoU", "mIoU")) -> str:
+    """Markdown: each row's paired difference from the baseline over seeds, mean [95% CI], and what it says."""
+    base = {m: {r["seed"]: r[m] for r in results.get(baseline, []) if m in r} for m in metrics}
+    lines = [f"### Against `{baseline.name}`, paired by seed", "",
+             f"Mean of (row − `{baseline.name}`) over the seeds both finished, with its 95% confidence interval (Student's t, "
+             "n − 1 degrees of freedom); *better* / *worse* when the interval excludes 0.", "",
+             "| row | " + " | ".join(f"Δ {m} [95% CI]" for m in metrics) + " | seeds |", "|---|" + "---|" * (len(metrics) + 1)]
+    first = {}
+    for r in rows:  # a cell once (d_s_b with copy is in both tables), at its first row
+        first.setdefault(r.cell, r)
+    for row in (r for r in first.values() if r.cell != baseline):
+        cells, n = [], 0
+        for m in metrics:
+            diff = paired_difference({r["seed"]: r[m] for r in results.get(row.cell, []) if m in r}, base[m])
+            n = max(n, diff["n"] if diff else 0)
+            cells.append("–" if diff is None else
+                         f"{diff['mean']:+.4f} [{diff['lo']:+.4f}, {diff['hi']:+.4f}] {verdict(diff)}")
+        lines.append(f"| {row.table[-1]}: {row.cell.name} | " + " | ".join(cells) + f" | {n} |")
+    return "\n".join(lines) + "\n"
+
+
+def baseline_note(curve: list[tuple[int, float]]) -> str:
+    """Whether the baseline trained to a plateau: its last three validations (mean over seeds)."""
+    if not curve:
+        return "Baseline `s`: no validation curve."
+    tail = ", ".join(f"{v:.4f}" for _, v in curve[-3:])
+    flat = "flat (within 0.02)" if is_flat(curve) else "**still moving** (more than 0.02 apart)"
+    return f"Baseline `s`, mean fg_mIoU at its last three validations: {tail}: {flat}."
+
+
+CURVE_COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+                 (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (0, 0, 0), (90, 60, 160))
+
+
+def curve_plot(curves: dict[str, list[tuple[int, float]]], path: Path, title: str) -> None:
+    """Line chart of each named curve (validation metric against training step), drawn with PIL."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=13)
+    width, height, left, top, bottom, legend_w = 640, 380, 50, 34, 30, 170
+    img = Image.new("RGB", (left + width + legend_w, top + height + bottom), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((10, 8), title, fill="black", font=font)
+    points = [p for c in curves.values() for p in c]
+    max_step = max([s for s, _ in points] + [1])
+    hi = min(1.0, max([v for _, v in points] + [0.05]) * 1.05)
+
+    def xy(step: float, value: float) -> tuple[float, float]:
+        return left + step / max_step * width, top + height - value / hi * height
+
+    draw.rectangle([left, top, left + width, top + height], outline="black")
+    for k in range(6):
+        value, step = hi * k / 5, max_step * k / 5
+        draw.text((4, xy(0, value)[1] - 7), f"{value:.2f}", fill="black", font=font)
+        draw.line([xy(0, value), xy(max_step, value)], fill=(225, 225, 225))
+        draw.text((xy(step, 0)[0] - 10, top + height + 6), f"{step:.0f}", fill="black", font=font)
+    for i, (name, curve) in enumerate(curves.items()):
+        colour = CURVE_COLOURS[i % len(CURVE_COLOURS)]
+        if len(curve) > 1:
+            draw.line([xy(s, v) for s, v in curve], fill=colour, width=2)
+        for s, v in curve:
+            x, y = xy(s, v)
+            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+        y = top + 6 + 18 * i
+        draw.line([left + width + 10, y + 7, left + width + 30, y + 7], fill=colour, width=3)
+        draw.text((left + width + 36, y), name, fill="black", font=font)
+    img.save(path)
+
+
+def bar_chart(rows: list, results: dict, path: Path, metric: str = "mIoU") -> None:
+    """Horizontal bars of `metric` (mean, whiskers at ± std) for every row of both tables, drawn with PIL."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=14)
+    label_w, bar_w, row_h, top = 190, 480, 26, 40
+    img = Image.new("RGB", (label_w + bar_w + 130, top + row_h * len(rows) + 30), "white")
+    draw = ImageDraw.Draw(img)
+    stats = [summarise([r[metric] for r in results.get(row.cell, []) if metric in r]) for row in rows]
+    scale = bar_w / max([0.05] + [m + s for m, s, _ in filter(None, stats)])
+    draw.text((10, 10), f"{metric}, mean ± std over seeds, one bar per row (2: table 2, 3: table 3)", fill="black", font=font)
+    for i, (row, stat) in enumerate(zip(rows, stats)):
+        y = top + i * row_h
+        colour = (70, 110, 180) if row.table == "Table 2" else (220, 130, 50)
+        draw.text((10, y + 4), f"{row.table[-1]}: {row.cell.name}", fill="black", font=font)
+        if stat is None:
+            draw.text((label_w, y + 4), "not run", fill="grey", font=font)
+            continue
+        mean, std, _ = stat
+        x0 = label_w
+        draw.rectangle([x0, y + 4, x0 + mean * scale, y + row_h - 4], fill=colour)
+        if std > 0:
+            cy = y + row_h // 2
+            lo = max(mean - std, 0.0)  # metrics live in 0..1: the whisker stops at the axis
+            draw.line([x0 + lo * scale, cy, x0 + (mean + std) * scale, cy], fill="black", width=2)
+            for x in (lo, mean + std):
+                draw.line([x0 + x * scale, cy - 5, x0 + x * scale, cy + 5], fill="black", width=2)
+        draw.text((x0 + (mean + std) * scale + 8, y + 4), f"{mean:.4f}", fill="black", font=font)
+    img.save(path)
