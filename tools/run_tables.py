@@ -242,6 +242,7 @@ def command_line(args) -> str:
     parts += ["--budget", str(args.budget)] if args.budget else []
     parts += ["--weighting", *args.weighting] if args.weighting else []
     parts += ["--cells", *args.cells] if args.cells else []
+    parts += ["--jobs", str(args.jobs)] if args.jobs > 1 else []
     return shlex.join(parts + (["--", *args.train_args] if args.train_args else []))
 
 
@@ -330,7 +331,7 @@ def main(args) -> int:
     todo = [c for c in cells if c.name in args.cells] if args.cells else cells  # the report still shows every row
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     jobs = [(seed, cell) for seed in seeds for cell in todo]  # seed-major: a stopped sweep still fills every row
-    # several runs at once share the cores: each gets its part as threads (small models scale badly across threads)
+    # several runs at once share the cores: each gets its part as threads
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
 
     def job(i: int, seed: int, cell: Cell) -> str | None:
@@ -369,7 +370,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--launcher", default=shlex.quote(sys.executable),
                    help='how to start train.py, e.g. "accelerate launch --num_processes 8" (default: this python)')
     p.add_argument("--jobs", type=int, default=1, help="train this many runs at once, the cores split between them "
-                   "(small models on a CPU train faster side by side than on all threads each)")
+                   "(OMP_NUM_THREADS = cores / jobs for each)")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep each run's checkpoints/ (default: deleted "
                    "once the run finished; the tables need only metrics.json)")
     p.add_argument("train_args", nargs="*", help="after `--`: arguments for every train.py run")
