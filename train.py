@@ -191,7 +191,8 @@ def copy_weights(accelerator, model, src: str, dst: str, where: str, out: Path) 
     copied = accelerator.unwrap_model(model).copy_decoder(src, dst)
     accelerator.print(f"copy-weights before {where}: {len(copied)} tensors decoders.{src}.* -> decoders.{dst}.* "
                       f"(heads not copied); list in {out / 'copied_tensors.txt'}")
-    if accelerator.is_main_process:
+    if accelerator.is_main_process:  # a resume into a new folder may not have made it yet
+        out.mkdir(parents=True, exist_ok=True)
         (out / "copied_tensors.txt").write_text("\n".join(copied) + "\n")
 
 
@@ -300,6 +301,8 @@ def main(args):
             run_log.log({f"val/{k}": v for k, v in metrics.items() if isinstance(v, float)}, step=state.global_step)
             accelerator.print(f"stage {state.stage} ({stage.name}) epoch {state.epoch}: "
                               + " ".join(f"{k}={v:.4f}" for k, v in {**losses, **metrics}.items() if isinstance(v, float)))
+            if "depth_nan_reason" in metrics:
+                accelerator.print(f"  depth metrics are NaN: {metrics['depth_nan_reason']}")
             is_best = metrics["mIoU"] > state.best_miou
             state.best_miou = max(state.best_miou, metrics["mIoU"])
             if accelerator.is_main_process:
