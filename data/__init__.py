@@ -47,7 +47,7 @@ PRESETS = {
 
 
 def prepare_root(dataset: str, data_root: str | Path) -> Path:
-    """The dataset folder; the synthetic set is generated on first use (an existing one is used as it is)."""
+    """The dataset folder; the synthetic set is generated on first use (one of an older generator: again)."""
     if dataset == "synthetic":
         from data.synthetic import make_synthetic, regenerate_if_old
 
