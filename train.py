@@ -7,7 +7,6 @@
 """
 import argparse
 import ctypes
-import json
 import os
 import sys
 import time
@@ -41,7 +40,7 @@ class NonFiniteLossError(RuntimeError):
 def get_dataloaders(args, preset, root: Path, need_depth: bool, batch_size: int, crop: int, accelerator=None):
     """Train loader (deterministic order and augmentation) and val loader (original resolution)."""
     check = not args.skip_bad_samples  # header checks raise on the first bad file; skipping decodes all up front
-    train_set = VOCSegmentation(root, preset.train_split, get_transform(True, args.base_size or preset.base_size, crop),
+    train_set = VOCSegmentation(root, preset.train_split, get_transform(True, args.base_size, crop),
                                 need_depth, preset.num_classes, check=check)
     val_set = VOCSegmentation(root, preset.val_split, get_transform(False, 0, 0), need_depth, preset.num_classes, check=check)
     if args.skip_bad_samples:
@@ -246,14 +245,13 @@ def main(args):
         accelerator.print(f"--copy-weights: schedule {args.schedule} has no decoder to copy from; nothing copied")
     with accelerator.main_process_first():
         root = prepare_root(args.dataset, args.data_root)
-    batch_size, crop = args.batch_size, args.crop_size
-    train_loader, val_loader = get_dataloaders(args, preset, root, "depth" in tasks, batch_size, crop, accelerator)
+    train_loader, val_loader = get_dataloaders(args, preset, root, "depth" in tasks, args.batch_size, args.crop_size,
+                                               accelerator)
     skipped = {ds.split: len(ds.skipped) for ds in (train_loader.dataset.dataset, val_loader.dataset)}
     config = ModelConfig(encoder=args.encoder, tasks=tasks, num_classes=preset.num_classes)
     model = build_model(config, args.encoder_weights).to(memory_format=torch.channels_last)
     focal = FocalLoss(args.focal_gamma)
-    run_config = {**vars(args), "data_root": str(root), "batch_size": batch_size, "crop_size": crop,
-                  "stages": [asdict(s) for s in stages], "model": asdict(config), "world_size": accelerator.num_processes}
+    run_config = {**vars(args), "data_root": str(root), "stages": [asdict(s) for s in stages], "model": asdict(config), "world_size": accelerator.num_processes}
 
     state = TrainState(schedule=args.schedule)
     weighting = build_weighting(args.joint_weighting, tasks, args.dwa_temperature)  # None: the paper's fixed weights
