@@ -30,7 +30,7 @@ from models.checkpoint import (CheckpointError, RunLog, TrainState, fault_point,
                                write_json_line)
 from models.weighting import WEIGHTINGS, build_weighting, for_stage, trainable_params
 from schedules import SCHEDULES, copy_plan, get_schedule, lr_factor, schedule_tasks
-from tools.metrics import SegEvaluator
+from evaluation.metrics import SegEvaluator
 
 
 class NonFiniteLossError(RuntimeError):

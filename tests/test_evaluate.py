@@ -11,7 +11,7 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 
 from models import ModelConfig, build_model, load_model, save_model
 from tools import evaluate as ev
-from tools.metrics import ConfusionMatrix, SegEvaluator
+from evaluation.metrics import ConfusionMatrix, SegEvaluator
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_DECODER = (32, 16, 16, 8, 8)  # resnet18 is the smallest encoder; keep the decoders cheap too

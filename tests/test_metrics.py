@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
-from tools.metrics import ConfusionMatrix, DepthMetrics, InstanceIoU
+from evaluation.metrics import ConfusionMatrix, DepthMetrics, InstanceIoU
 
 
 def _hand_pair() -> tuple[torch.Tensor, torch.Tensor]:

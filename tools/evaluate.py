@@ -7,7 +7,7 @@
 
 Every image is predicted alone at its label's original resolution (images of one size share a forward
 pass), so the numbers do not depend on --batch-size or the number of processes. Metrics come from
-tools/metrics.py, the code train.py's validation uses; README "Evaluation and metric conventions".
+evaluation/metrics.py, the code train.py's validation uses; README "Evaluation and metric conventions".
 """
 import argparse
 import json
@@ -31,7 +31,7 @@ from data.visualize import colorize_label, denormalize, to_palette_png
 from data.voc import depth_fix_command, resolve_voc_root
 from models import load_model
 from models.checkpoint import resolve_checkpoint
-from tools.metrics import ConfusionMatrix, SegEvaluator
+from evaluation.metrics import ConfusionMatrix, SegEvaluator
 
 CELL = 24  # heat map cell, pixels
 TEXT_PAD = 4  # pixels around the heat map's texts
