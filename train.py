@@ -20,17 +20,18 @@ from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, se
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from data import PRESETS, DataError, VOCSegmentation, collate, get_transform, prepare_root
+from data import PRESETS, DataError, collate, get_transform, prepare_root
 from data.checks import check_data, skip_bad
 from data.sampler import EpochSampler, SeededDataset
 from data.visualize import log_images
+from evaluation.inference import predict_batch, torch_predictor
+from evaluation.metrics import SegEvaluator
 from models import FocalLoss, ModelConfig, build_model, depth_loss
 from models.checkpoint import (CheckpointError, RunLog, TrainState, fault_point, find_resume, load_extra,
                                read_checkpoint, refuse_overwrite, save_checkpoint, write_json_atomic,
                                write_json_line)
 from models.weighting import WEIGHTINGS, build_weighting, for_stage, trainable_params
 from schedules import SCHEDULES, copy_plan, get_schedule, lr_factor, schedule_tasks
-from evaluation.metrics import SegEvaluator
 
 
 class NonFiniteLossError(RuntimeError):
@@ -40,9 +41,8 @@ class NonFiniteLossError(RuntimeError):
 def get_dataloaders(args, preset, root: Path, need_depth: bool, batch_size: int, crop: int, accelerator=None):
     """Train loader (deterministic order and augmentation) and val loader (original resolution)."""
     check = not args.skip_bad_samples  # header checks raise on the first bad file; skipping decodes all up front
-    train_set = VOCSegmentation(root, preset.train_split, get_transform(True, args.base_size, crop),
-                                need_depth, preset.num_classes, check=check)
-    val_set = VOCSegmentation(root, preset.val_split, get_transform(False, 0, 0), need_depth, preset.num_classes, check=check)
+    train_set = preset.open(root, preset.train_split, get_transform(True, args.base_size, crop), need_depth, check=check)
+    val_set = preset.open(root, preset.val_split, get_transform(False, 0, 0), need_depth, check=check)
     if args.skip_bad_samples:
         skip_bad([train_set, val_set], args.workers, accelerator)
     common = dict(num_workers=args.workers, collate_fn=collate, pin_memory=torch.cuda.is_available(),
@@ -66,13 +66,16 @@ def criterion(outputs: dict, batch: dict, weights: dict, focal: FocalLoss, joint
 
 
 @torch.no_grad()
-def evaluate(model, loader, accelerator, num_classes: int, tasks: tuple[str, ...], keep: list | None = None) -> dict:
+def evaluate(model, loader, accelerator, num_classes: int, tasks: tuple[str, ...], keep: list | None = None,
+             metric_options: dict | None = None) -> dict:
     """Validation over the whole split; every sample counted exactly once across processes. The main process
-    appends the first (batch, outputs) to `keep` if given (TensorBoard's images)."""
+    appends the first (batch, outputs) to `keep` if given (TensorBoard's images). metric_options: the dataset's
+    (Preset.metric_options: class names, iIoU's instance classes and sizes)."""
     model.eval()
-    evaluator = SegEvaluator(num_classes)  # the same metric code as tools/evaluate.py
+    evaluator = SegEvaluator(num_classes, **(metric_options or {}))  # the same metric code as tools/evaluate.py
+    run = torch_predictor(model, tasks)
     for i, batch in enumerate(loader):
-        outputs = model(batch["image"].contiguous(memory_format=torch.channels_last), tasks=tasks)
+        outputs = predict_batch(run, batch)  # each image alone at its size, as tools/evaluate.py and predict.py
         evaluator.update(outputs, batch, accelerator)
         if i == 0 and keep is not None and accelerator.is_main_process:
             keep.append((batch, outputs))
@@ -201,7 +204,8 @@ def run_data_checks(args, preset) -> dict:
     tasks = schedule_tasks(get_schedule(args.schedule, args.stage_epochs, preset.epochs))
     print(f"checking for schedule {args.schedule} " + ("(needs pseudo depth: pass --schedule s to check a seg-only run)"
                                                        if "depth" in tasks else "(needs no pseudo depth)"))
-    report, errors = check_data(root, [preset.train_split, preset.val_split], "depth" in tasks, preset.num_classes, args.workers)
+    report, errors = check_data(root, [preset.train_split, preset.val_split], "depth" in tasks, preset.for_root(root),
+                                args.workers)
     print(report)
     return {"errors": errors}
 
@@ -245,10 +249,12 @@ def main(args):
         accelerator.print(f"--copy-weights: schedule {args.schedule} has no decoder to copy from; nothing copied")
     with accelerator.main_process_first():
         root = prepare_root(args.dataset, args.data_root)
+    preset = preset.for_root(root)  # a folder's classes.txt: its number of classes, names and colours
     train_loader, val_loader = get_dataloaders(args, preset, root, "depth" in tasks, args.batch_size, args.crop_size,
                                                accelerator)
     skipped = {ds.split: len(ds.skipped) for ds in (train_loader.dataset.dataset, val_loader.dataset)}
-    config = ModelConfig(encoder=args.encoder, tasks=tasks, num_classes=preset.num_classes)
+    config = ModelConfig(encoder=args.encoder, tasks=tasks, num_classes=preset.num_classes,
+                         class_names=preset.class_names, palette=preset.palette)
     model = build_model(config, args.encoder_weights).to(memory_format=torch.channels_last)
     focal = FocalLoss(args.focal_gamma)
     run_config = {**vars(args), "data_root": str(root), "stages": [asdict(s) for s in stages], "model": asdict(config), "world_size": accelerator.num_processes}
@@ -292,10 +298,11 @@ def main(args):
             losses = train_one_epoch(model, optimizer, loader, accelerator, stage, focal, state, args, save, joint,
                                      log=run_log.log)
             shown = []  # the first validation batch, for TensorBoard
-            metrics = evaluate(model, val_dl, accelerator, preset.num_classes, tasks, keep=shown)
+            metrics = evaluate(model, val_dl, accelerator, preset.num_classes, tasks, keep=shown,
+                               metric_options=preset.metric_options())
             run_log.open()  # an epoch trained and validated: the run starts writing into its folder
             if shown:
-                log_images(accelerator, *shown[0], state.global_step)
+                log_images(accelerator, *shown[0], state.global_step, palette=preset.palette)
             run_log.log({f"val/{k}": v for k, v in metrics.items() if isinstance(v, float)}, step=state.global_step)
             accelerator.print(f"stage {state.stage} ({stage.name}) epoch {state.epoch}: "
                               + " ".join(f"{k}={v:.4f}" for k, v in {**losses, **metrics}.items() if isinstance(v, float)))

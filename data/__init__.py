@@ -1,17 +1,26 @@
-"""Datasets: VOC 2012 (+ pseudo depth, instances), the synthetic demo set, presets and transforms."""
+"""Datasets: VOC 2012 (+ pseudo depth, instances), your own VOC-format folder, Cityscapes, the synthetic demo set,
+presets and transforms. A preset opens its splits: `preset.for_root(root).open(root, split, transforms, ...)`."""
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import ClassVar
 
+from torch.utils.data import Dataset
+
+from data import cityscapes
+from data.cityscapes import CityscapesSegmentation, resolve_cityscapes_root
+from data.folder import CLASSES_FILE, read_classes
 from data.transforms import collate, get_transform
-from data.voc import DataError, Depth, VOCSegmentation, resolve_voc_root
+from data.voc import IGNORE_INDEX, VOC_CLASSES, VOC_COLOURS, DataError, Depth, VOCSegmentation, resolve_voc_root
+
+READERS = ("voc", "folder", "cityscapes")
 
 
 @dataclass(frozen=True)
 class Preset:
     """Defaults a dataset brings; every field is overridable from the command line."""
 
-    data_root: str
+    data_root: str | None  # None: the user must pass --data-root
     base_size: int  # random rescale is relative to this
     crop_size: int
     batch_size: int
@@ -24,11 +33,50 @@ class Preset:
     num_classes: int = 21
     train_split: str = "train"
     val_split: str = "val"
+    reader: str = "voc"  # voc | folder (VOC layout, classes.txt) | cityscapes (official layout): see open()
+    class_names: tuple[str, ...] | None = VOC_CLASSES  # one per label value; None until for_root (folder)
+    palette: tuple[tuple[int, int, int], ...] | None = VOC_COLOURS  # RGB per label value, as class_names
+    # iIoU (evaluation.metrics.InstanceIoU): the classes that have instances (None: every foreground class, VOC's)
+    # and fixed average instance sizes to weight them by, (class, pixels) pairs (None: the split's own averages)
+    instance_classes: tuple[int, ...] | None = None
+    avg_instance_size: tuple[tuple[int, float], ...] | None = None
+    # the label value of unlabelled pixels in every reader's output (Cityscapes' void ids are mapped to it);
+    # losses, metrics and the transforms' padding ignore it
+    ignore_index: ClassVar[int] = IGNORE_INDEX
+
+    def __post_init__(self):
+        if self.reader not in READERS:
+            raise ValueError(f"reader must be one of {READERS}, got {self.reader!r}")
+        for what in ("class_names", "palette"):
+            given = getattr(self, what)
+            if given is not None and len(given) != self.num_classes:
+                raise ValueError(f"{what} has {len(given)} entries, num_classes is {self.num_classes}")
 
     def fill(self, args: argparse.Namespace) -> argparse.Namespace:
         """A copy of train.py's args with every flag left at None set to this preset's value (args is unchanged)."""
         filled = {k: getattr(self, k) for k in FROM_PRESET if getattr(args, k, None) is None}
         return argparse.Namespace(**{**vars(args), **filled})
+
+    def metric_options(self) -> dict:
+        """SegEvaluator's keyword arguments for this dataset: class names and how iIoU weights instances."""
+        return {"class_names": self.class_names, "instance_classes": self.instance_classes,
+                "avg_instance_size": dict(self.avg_instance_size) if self.avg_instance_size is not None else None}
+
+    def for_root(self, root: str | Path) -> "Preset":
+        """This preset completed from the dataset folder: for `folder`, num_classes, class_names and palette from its
+        classes.txt (DataError naming the file and line when it is missing or malformed); others: unchanged."""
+        if self.reader != "folder":
+            return self
+        names, colours = read_classes(resolve_voc_root(root))
+        return replace(self, num_classes=len(names), class_names=names, palette=colours)
+
+    def open(self, root: str | Path, split: str, transforms=None, with_depth: bool = False,
+             check: bool = True) -> Dataset:
+        """A split as a dataset of VOCSegmentation's sample dicts and attributes (ids, split, root, skipped,
+        with_instances, num_classes, check_header, load, depth_fix); check: header checks up front."""
+        if self.reader == "cityscapes":
+            return CityscapesSegmentation(root, split, transforms, with_depth, check)
+        return VOCSegmentation(root, split, transforms, with_depth, self.for_root(root).num_classes, check)
 
 
 # train.py flags whose default (None) means "the dataset preset's"
@@ -43,11 +91,24 @@ PRESETS = {
                         encoder="resnet18", lr=1e-3, lr_schedule="cosine", warmup=0.05),
     # torchvision reference sizes (base 520, crop 480); the paper gives no epochs, 30 per stage is our choice
     "voc": Preset("datasets/VOCdevkit/VOC2012", base_size=520, crop_size=480, batch_size=8, epochs=30, encoder_weights="imagenet"),
+    # your own VOC-format folder: VOC's recipe; the classes (and their number) come from its classes.txt (for_root)
+    "folder": Preset(None, base_size=520, crop_size=480, batch_size=8, epochs=30, encoder_weights="imagenet",
+                     num_classes=0, reader="folder", class_names=None, palette=None),
+    # 1024x2048 images: the shorter side rescaled to 512..2048 (scale 0.5..2, as DeepLab and mmsegmentation train
+    # Cityscapes), 768 px crops (DeepLab's 769, a multiple of 32 here); the paper's ResNet50 and Adam 1e-4; epochs ours
+    "cityscapes": Preset("datasets/cityscapes", base_size=1024, crop_size=768, batch_size=8, epochs=60,
+                         encoder_weights="imagenet", num_classes=cityscapes.NUM_CLASSES, reader="cityscapes",
+                         class_names=cityscapes.CLASS_NAMES, palette=cityscapes.COLOURS,
+                         instance_classes=tuple(sorted(cityscapes.OFFICIAL_AVG_INSTANCE_SIZE)),
+                         avg_instance_size=tuple(sorted(cityscapes.OFFICIAL_AVG_INSTANCE_SIZE.items()))),
 }
 
 
-def prepare_root(dataset: str, data_root: str | Path) -> Path:
+def prepare_root(dataset: str, data_root: str | Path | None) -> Path:
     """The dataset folder; the synthetic set is generated on first use (one of an older generator: again)."""
+    if data_root is None:
+        raise DataError(f"--dataset {dataset} needs --data-root DIR"
+                        + (f" (a VOC-format folder with {CLASSES_FILE} next to JPEGImages/)" if dataset == "folder" else ""))
     if dataset == "synthetic":
         from data.synthetic import make_synthetic, regenerate_if_old
 
@@ -55,7 +116,25 @@ def prepare_root(dataset: str, data_root: str | Path) -> Path:
             return make_synthetic(data_root)
         if regenerate_if_old(data_root):
             print(f"{data_root}: made by an older synthetic generator; regenerated with the same parameters")
-    return resolve_voc_root(data_root)
+    if PRESETS[dataset].reader == "cityscapes":
+        return resolve_cityscapes_root(data_root)
+    root = resolve_voc_root(data_root)
+    if PRESETS[dataset].reader == "folder":
+        read_classes(root)  # a missing or malformed classes.txt stops here, before anything is built
+    return root
 
 
-__all__ = ["PRESETS", "DataError", "Depth", "Preset", "VOCSegmentation", "collate", "get_transform", "prepare_root"]
+def guess_dataset(data_root: str | Path) -> str:
+    """The PRESETS name a folder looks like (for tools given only --data-root): cityscapes (leftImg8bit/ and
+    gtFine/), folder (classes.txt next to JPEGImages/), else voc."""
+    path = Path(data_root)
+    if (path / "leftImg8bit").is_dir() and (path / "gtFine").is_dir():
+        return "cityscapes"
+    try:
+        return "folder" if (resolve_voc_root(path) / CLASSES_FILE).is_file() else "voc"
+    except DataError:
+        return "voc"  # opening it says what is wrong
+
+
+__all__ = ["PRESETS", "CityscapesSegmentation", "DataError", "Depth", "Preset", "VOCSegmentation", "collate",
+           "get_transform", "guess_dataset", "prepare_root"]

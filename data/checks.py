@@ -1,8 +1,9 @@
 """Data checks that decode every file: the `--check-data` report and the `--skip-bad-samples` scan.
 
 The cheap checks (missing files, sizes, formats from the file headers) run whenever a dataset is built; these
-also decode each image, label and depth map, which finds truncated JPEGs, label values outside 0..20/255 and
-constant depth maps.
+also decode each image, label and depth map, which finds truncated images, label values outside the label set
+(0..K-1 and 255; Cityscapes: unknown label ids) and constant depth maps. Any dataset a Preset opens works
+(VOCSegmentation, CityscapesSegmentation: ids, split, root, check_header, load, depth_fix).
 """
 import warnings
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 from accelerate.utils import gather_object
 from torch.utils.data import DataLoader, Dataset
 
-from data.voc import DataError, DataWarning, VOCSegmentation, depth_fix_command
+from data.voc import DataError, DataWarning, VOCSegmentation
 
 
 @dataclass(frozen=True)
@@ -81,8 +82,7 @@ def drop_bad(ds: VOCSegmentation, problems: list[Problem]) -> list[Problem]:
     if not bad_ids:
         return []
     if len(bad_ids) == len(ds.ids):
-        fix = (f". Make the pseudo depth with:\n  {depth_fix_command(ds.root, ds.split)}"
-               if any("pseudo depth missing" in p.message for p in bad) else "")
+        fix = f". {ds.depth_fix()}" if any("pseudo depth missing" in p.message for p in bad) else ""
         raise DataError(f"{ds.root}: all {len(ds.ids)} samples of split {ds.split!r} are bad, e.g. {bad[0].message}{fix}")
     ds.ids = [i for i in ds.ids if i not in bad_ids]
     ds.skipped = [p.message for p in bad]
@@ -110,20 +110,24 @@ def report(root, splits: dict[str, VOCSegmentation | None], problems: list[Probl
         if ds is not None:
             bad = {p.id for p in errors if p.split == split}
             lines.append(f"  split {split!r}: {len(ds)} samples, {len(bad)} with errors")
-        if any(p.split == split and "pseudo depth missing" in p.message for p in errors):
-            lines.append(f"  make the missing pseudo depth with: {depth_fix_command(root, split)}")
+        if ds is not None and any(p.split == split and "pseudo depth missing" in p.message for p in errors):
+            lines.append(f"  split {split!r}: " + ds.depth_fix().replace("\n", "\n  "))
     warned = len(problems) - len(errors)
     lines.append(f"{len(errors)} error(s), {warned} warning(s)" + ("" if errors else ": the data is ready to train on"))
     return "\n".join(lines)
 
 
-def check_data(root, splits: list[str], need_depth: bool, num_classes: int, workers: int = 0) -> tuple[str, int]:
-    """Run every check on the splits; returns the report and the number of errors."""
+def check_data(root, splits: list[str], need_depth: bool, dataset, workers: int = 0) -> tuple[str, int]:
+    """Run every check on the splits; returns the report and the number of errors. dataset: the Preset that opens
+    the splits (preset.open), or an int, the number of classes of a VOC-format folder."""
     problems, datasets = [], {}
     for split in dict.fromkeys(splits):
         try:
-            datasets[split] = VOCSegmentation(root, split, None, need_depth, num_classes, check=False)
-        except DataError as exc:  # no split list, an empty one, not a VOC folder
+            if isinstance(dataset, int):
+                datasets[split] = VOCSegmentation(root, split, None, need_depth, dataset, check=False)
+            else:
+                datasets[split] = dataset.open(root, split, None, need_depth, check=False)
+        except DataError as exc:  # no split list, an empty one, not a dataset folder, a bad classes.txt
             datasets[split] = None
             problems.append(Problem(split, "", str(exc)))
     problems += find_problems([ds for ds in datasets.values() if ds is not None], workers)

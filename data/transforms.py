@@ -37,17 +37,26 @@ def get_transform(train: bool, base_size: int, crop_size: int) -> v2.Compose:
     )
 
 
+EVAL_TRANSFORM = get_transform(train=False, base_size=0, crop_size=0)  # sizes are unused at evaluation
+
+
+def eval_image(image: torch.Tensor) -> torch.Tensor:
+    """A decoded uint8 image (3, H, W) as the validation transform gives it to the model: float, ImageNet statistics."""
+    return EVAL_TRANSFORM(tv_tensors.Image(image)).as_subclass(torch.Tensor)
+
+
 def pad_to(t: torch.Tensor, h: int, w: int, value: float) -> torch.Tensor:
     """Pad the last two dims on the bottom/right."""
     return F.pad(t, (0, w - t.shape[-1], 0, h - t.shape[-2]), value=value)
 
 
 def collate(batch: list[dict]) -> dict:
-    """Stack samples of different sizes by padding to a common multiple of SIZE_DIVISOR."""
+    """Stack samples of different sizes by padding to a common multiple of SIZE_DIVISOR (bottom/right); "size" (B, 2)
+    holds each sample's own (h, w), where evaluation/inference.py crops it back to."""
     h = max(s["image"].shape[-2] for s in batch)
     w = max(s["image"].shape[-1] for s in batch)
     h, w = (-(-h // SIZE_DIVISOR) * SIZE_DIVISOR, -(-w // SIZE_DIVISOR) * SIZE_DIVISOR)
-    out = {"id": [s["id"] for s in batch]}
+    out = {"id": [s["id"] for s in batch], "size": torch.tensor([tuple(s["image"].shape[-2:]) for s in batch])}
     out["image"] = torch.stack([pad_to(s["image"].as_subclass(torch.Tensor), h, w, 0.0) for s in batch])
     for key in ("label", "instances"):
         if key in batch[0]:

@@ -1,4 +1,10 @@
-"""Colour images of labels and depth for TensorBoard, predict.py and evaluate.py."""
+"""Colour images of labels and depth for TensorBoard, predict.py and evaluate.py.
+
+`palette` arguments are one RGB colour per class (a Preset's or ModelConfig.colours()); None = VOC's. Label values
+past the palette keep VOC's colours, 255 (ignore) its boundary colour.
+"""
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -12,10 +18,23 @@ PALETTE = torch.tensor(VOC_PALETTE, dtype=torch.uint8).view(-1, 3)  # (256, 3), 
 IMAGES_LOGGED = 4  # samples of the first validation batch shown in TensorBoard
 TITLE_HEIGHT = 14  # pixels of the white strip above a panel that names it (fits the default 10 px font)
 
+Palette = Sequence[Sequence[int]]  # (K, 3) RGB 0..255, one per class
 
-def colorize_label(label: Tensor) -> Tensor:
-    """(H, W) class ids -> (3, H, W) uint8 in the VOC palette."""
-    return PALETTE[label.long().clamp(0, 255).cpu()].permute(2, 0, 1)
+
+def palette_table(palette: Palette | None = None) -> Tensor:
+    """(256, 3) uint8 colour of every label value: the palette's for 0..K-1, VOC's elsewhere (255 = boundary)."""
+    if palette is None or len(palette) == 0:
+        return PALETTE
+    if len(palette) > 255:
+        raise ValueError(f"a palette has at most 255 colours (255 is ignore), got {len(palette)}")
+    table = PALETTE.clone()
+    table[: len(palette)] = torch.tensor([tuple(c) for c in palette], dtype=torch.uint8).view(-1, 3)
+    return table
+
+
+def colorize_label(label: Tensor, palette: Palette | None = None) -> Tensor:
+    """(H, W) class ids -> (3, H, W) uint8 in the palette's colours (None: VOC's)."""
+    return palette_table(palette)[label.long().clamp(0, 255).cpu()].permute(2, 0, 1)
 
 
 def colorize_depth(depth: Tensor) -> Tensor:
@@ -43,21 +62,22 @@ def denormalize(image: Tensor) -> Tensor:
     return ((image.float().cpu() * std + mean).clamp(0, 1) * 255).to(torch.uint8)
 
 
-def to_palette_png(label: Tensor | np.ndarray):
-    """(H, W) class ids -> a PIL palette ('P') image, VOC colours, as the dataset stores labels."""
+def to_palette_png(label: Tensor | np.ndarray, palette: Palette | None = None):
+    """(H, W) class ids -> a PIL palette ('P') image in the palette's colours (None: VOC's), as VOC stores labels."""
     arr = label.cpu().numpy() if isinstance(label, Tensor) else label
     img = Image.fromarray(arr.astype(np.uint8))
-    img.putpalette(VOC_PALETTE)  # turns the grey image into a palette one, indices kept
+    img.putpalette(palette_table(palette).flatten().tolist())  # grey -> palette image, indices kept
     return img
 
 
-def log_images(accelerator, batch: dict, outputs: dict, step: int) -> None:
-    """TensorBoard rows of titled panels: input | label | prediction | pseudo depth | predicted depth."""
+def log_images(accelerator, batch: dict, outputs: dict, step: int, palette: Palette | None = None) -> None:
+    """TensorBoard rows of titled panels: input | label | prediction | pseudo depth | predicted depth (labels in the
+    palette's colours, None: VOC's)."""
     writer = accelerator.get_tracker("tensorboard", unwrap=True)
     n = min(IMAGES_LOGGED, batch["image"].shape[0])
     for i in range(n):
-        row = {"input": denormalize(batch["image"][i]), "label": colorize_label(batch["label"][i]),
-               "prediction": colorize_label(outputs["seg"][i].argmax(0))}
+        row = {"input": denormalize(batch["image"][i]), "label": colorize_label(batch["label"][i], palette),
+               "prediction": colorize_label(outputs["seg"][i].argmax(0), palette)}
         if "depth" in batch:
             row["pseudo depth"] = colorize_depth(batch["depth"][i])
         if "depth" in outputs:

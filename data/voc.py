@@ -11,10 +11,20 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms.v2.functional import pil_to_tensor
 
+from data.synthetic import VOC_CLASSES, VOC_PALETTE
+
 IGNORE_INDEX = 255
 DEPTH_SCALE = 65535.0  # 16-bit PNG -> 0..1 inverse depth (SPEC "Data")
 MISSING_SHOWN = 5  # ids named in a "missing files" error
 DEPTH_MODES_16BIT = ("I;16", "I;16B", "I;16L", "I")  # what PIL calls a 16-bit grey PNG
+
+
+def voc_colour(index: int) -> tuple[int, int, int]:
+    """VOC's colour of a label value (0..255; 255 is the boundary colour)."""
+    return tuple(VOC_PALETTE[3 * index : 3 * index + 3])
+
+
+VOC_COLOURS = tuple(voc_colour(c) for c in range(len(VOC_CLASSES)))  # (21, 3): the label set's colours
 
 
 class Depth(tv_tensors.Mask):
@@ -54,6 +64,13 @@ def read_split(root: Path, split: str) -> list[str]:
 def depth_fix_command(root: Path, split: str) -> str:
     """The command that writes the missing pseudo depth maps."""
     return f"python tools/make_depth.py --data-root {shlex.quote(str(root))} --split {shlex.quote(split)}"
+
+
+def print_warnings(found: list[str], total: int, split: str) -> None:
+    """One `warning: ...` line on stderr for all the files of a kind, not one per file."""
+    if found:  # printed, not warnings.warn: Python's format adds a source line that means nothing to a user
+        print(f"warning: {len(found)} of {total} samples of split {split!r}: {found[0]}"
+              + (f" (and {len(found) - 1} more)" if len(found) > 1 else ""), file=sys.stderr)
 
 
 def check_files(root: Path, ids: list[str], split: str, need_depth: bool) -> None:
@@ -128,7 +145,11 @@ def read_depth(path: Path, size: tuple[int, int]) -> torch.Tensor:
 
 
 class VOCSegmentation(Dataset):
-    """Samples as dicts: image, label, depth (if asked), instances (if SegmentationObject exists), id."""
+    """Samples as dicts: image, label, depth (if asked), instances (if SegmentationObject exists), id.
+
+    Also the reader of `--dataset folder` (a VOC-format folder with its own classes.txt): labels are checked
+    against `num_classes`, a value outside 0..num_classes-1 and 255 names the file and the value.
+    """
 
     def __init__(self, root, split: str = "train", transforms=None, with_depth: bool = False, num_classes: int = 21,
                  check: bool = True):
@@ -174,9 +195,11 @@ class VOCSegmentation(Dataset):
 
     def warn(self, found: list[str]) -> None:
         """One `warning: ...` line on stderr for all the files of a kind, not one per file."""
-        if found:  # printed, not warnings.warn: Python's format adds a source line that means nothing to a user
-            print(f"warning: {len(found)} of {len(self.ids)} samples of split {self.split!r}: {found[0]}"
-                  + (f" (and {len(found) - 1} more)" if len(found) > 1 else ""), file=sys.stderr)
+        print_warnings(found, len(self.ids), self.split)
+
+    def depth_fix(self) -> str:
+        """How to make this split's missing pseudo depth (appended to messages about it)."""
+        return f"Make the pseudo depth with:\n  {depth_fix_command(self.root, self.split)}"
 
     def read_image(self, idx: int) -> torch.Tensor:
         """Decoded RGB image (3, H, W) uint8."""

@@ -12,7 +12,7 @@ pad the last batch of distributed evaluation:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -137,16 +137,25 @@ class InstanceIoU:
         wTP_c = sum_i w_i TP_i = avg_c * sum_i TP_i / s_i
         wFN_c = sum_i w_i FN_i = avg_c * (N_c - sum_i TP_i / s_i)   (so wTP_c + wFN_c = S_c)
         FP_c  = pixels predicted c whose label is another class (255 excluded), unweighted
-        iIoU_c = wTP_c / (wTP_c + wFN_c + FP_c);  iIoU = mean over classes with at least one instance.
+        iIoU_c = wTP_c / (wTP_c + wFN_c + FP_c), undefined (None) when the denominator is 0: a class with no
+        instance that is never wrongly predicted; one with no instance but false positives scores 0.
+        iIoU = mean over the instance classes where it is defined, as Cityscapes' evalPixelLevelSemanticLabeling.
+    `classes`: the instance classes (default every foreground class, VOC); `avg_size`: fixed avg_c per class in
+    place of the split's own (Cityscapes' script weights by its train-set table, data/cityscapes.py).
     avg_c is only known at the end, so each sample keeps the split-additive sums S_c, N_c, sum_i TP_i/s_i
     and FP_c: a (B, 4*K) float64 row, layout [size_sum | n_instances | tp_frac_sum | fp], K columns each.
     """
 
     STATS = 4
 
-    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX):
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX, classes: Sequence[int] | None = None,
+                 avg_size: Mapping[int, float] | None = None):
         self.num_classes = num_classes
         self.ignore_index = ignore_index
+        self.classes = tuple(classes) if classes is not None else tuple(range(1, num_classes))
+        self.avg_size = dict(avg_size) if avg_size is not None else None
+        if self.avg_size is not None and set(self.avg_size) != set(self.classes):
+            raise ValueError(f"avg_size must give every instance class {self.classes}, got {sorted(self.avg_size)}")
         self.total: Tensor | None = None  # (4, K) float64
 
     @staticmethod
@@ -201,18 +210,20 @@ class InstanceIoU:
         self.total = None
 
     def compute(self) -> dict:
-        """iIoU (mean over foreground classes with instances) and per-class values (None where no instance)."""
+        """iIoU (mean over the instance classes where it is defined) and per-class values (None: undefined, or
+        not an instance class)."""
         k = self.num_classes
         t = torch.zeros(self.STATS, k, dtype=torch.float64) if self.total is None else self.total.detach().cpu()
-        size_sum, count, tp_frac, fp = t
-        per_class: list[float | None] = [None]  # background has no instances
-        for c in range(1, k):
-            if count[c] == 0:
-                per_class.append(None)
-                continue
-            avg = size_sum[c] / count[c]
+        size_sum, count, tp_frac, fp = t.tolist()
+        per_class: list[float | None] = [None] * k
+        for c in self.classes:
+            if self.avg_size is not None:
+                avg = self.avg_size[c]
+            else:
+                avg = size_sum[c] / count[c] if count[c] else 0.0  # no instance: no weighted TP or FN either
             wtp, wfn = avg * tp_frac[c], avg * (count[c] - tp_frac[c])
-            per_class.append((wtp / (wtp + wfn + fp[c])).item())
+            denom = wtp + wfn + fp[c]
+            per_class[c] = wtp / denom if denom > 0 else None
         return {"iIoU": _mean([v for v in per_class if v is not None]), "iiou_per_class": per_class}
 
     def __str__(self) -> str:
@@ -321,10 +332,11 @@ class SegEvaluator:
     dropped and every sample counts once; without an accelerator the rows are used as they are.
     """
 
-    def __init__(self, num_classes: int, class_names: Sequence[str] | None = None):
+    def __init__(self, num_classes: int, class_names: Sequence[str] | None = None,
+                 instance_classes: Sequence[int] | None = None, avg_instance_size: Mapping[int, float] | None = None):
         self.num_classes = num_classes
         self.confmat = ConfusionMatrix(num_classes, class_names=class_names)
-        self.iiou = InstanceIoU(num_classes)
+        self.iiou = InstanceIoU(num_classes, classes=instance_classes, avg_size=avg_instance_size)
         self.depth = DepthMetrics()
         self.has_instances = self.has_depth = False
 

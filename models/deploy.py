@@ -1,28 +1,25 @@
-"""Deployment: the seg-only model, its cost, TorchScript and ONNX export, parity checks, inference."""
+"""Deployment: the seg-only model, its cost, TorchScript and ONNX export and ONNX Runtime sessions, parity checks.
+Predicting images with any of them: evaluation/inference.py."""
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
-from torchvision import tv_tensors
 
-from data.transforms import SIZE_DIVISOR, get_transform, pad_to
 from models.checkpoint import drop_decoders, load_model
 from models.decoder import unfolded
 from models.model import MultiDecoderModel
 
 TORCHSCRIPT_NAME = "model.pt"
 ONNX_NAME = "model.onnx"
+ONNX_INT8_NAME = "model_int8.onnx"  # tools/export.py --int8
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 # trace/export input; batch 2 because torch.export specialises a dimension of size 1 to a constant
 EXAMPLE_SHAPE = (2, 3, 64, 64)
 LEGACY_OPSET = 17
 PARITY_SEED = 0
-EVAL_TRANSFORM = get_transform(train=False, base_size=0, crop_size=0)  # sizes are unused at evaluation
-Predictor = Callable[[Tensor], dict[str, Tensor]]
 
 
 class SegLogits(nn.Module):
@@ -154,38 +151,3 @@ def check_parity(reference: MultiDecoderModel, folder: Path, shapes: list[tuple[
         rows.append(compare("torchscript", scripted(x), ref, tols["torchscript"]))
         rows.append(compare("onnxruntime", run_onnx(session, x), ref, tols["onnxruntime"]))
     return rows
-
-
-def preprocess(image: Tensor) -> Tensor:
-    """uint8 (3, H, W) -> (1, 3, H', W'): the validation transform, zero-padded bottom/right to a multiple of 32."""
-    x = EVAL_TRANSFORM(tv_tensors.Image(image)).as_subclass(Tensor)
-    h, w = x.shape[-2:]
-    return pad_to(x, -(-h // SIZE_DIVISOR) * SIZE_DIVISOR, -(-w // SIZE_DIVISOR) * SIZE_DIVISOR, 0.0)[None]
-
-
-
-def torch_predictor(model: MultiDecoderModel, device: str) -> Predictor:
-    """Batch -> {task: output on CPU} with every decoder the model has."""
-    model = model.to(device).eval()
-
-    @torch.inference_mode()
-    def run(x: Tensor) -> dict[str, Tensor]:
-        return {t: v.float().cpu() for t, v in model(x.to(device)).items()}
-
-    return run
-
-
-def onnx_predictor(path: Path, device: str) -> Predictor:
-    """Batch -> {"seg": logits} through ONNX Runtime."""
-    session = onnx_session(path, device)
-    return lambda x: {"seg": run_onnx(session, x)}
-
-
-def predict(run: Predictor, image: Tensor) -> dict[str, Tensor]:
-    """uint8 (3, H, W) -> {"seg": (H, W) uint8 class ids, "depth": (1, H, W) float if the model has it}."""
-    h, w = image.shape[-2:]
-    out = run(preprocess(image))
-    result = {"seg": out["seg"][0, :, :h, :w].argmax(0).to(torch.uint8)}
-    if "depth" in out:
-        result["depth"] = out["depth"][0, :, :h, :w]
-    return result

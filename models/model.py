@@ -5,6 +5,7 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
+from data.voc import VOC_CLASSES, voc_colour
 from models.decoder import UnetDecoder
 from models.encoder import ResNetEncoder
 
@@ -19,6 +20,9 @@ class ModelConfig:
     tasks: tuple[str, ...] = ("seg", "depth")
     num_classes: int = 21
     decoder_channels: tuple[int, ...] = field(default=(256, 128, 64, 32, 16))
+    # the label set a checkpoint or export carries, one entry per class; None = VOC's (names(), colours())
+    class_names: tuple[str, ...] | None = None
+    palette: tuple[tuple[int, int, int], ...] | None = None  # RGB 0..255
 
     def __post_init__(self):
         unknown = set(self.tasks) - set(TASK_CHANNELS)
@@ -27,6 +31,38 @@ class ModelConfig:
         # json round-trips tuples as lists; keep the dataclass hashable and comparable
         object.__setattr__(self, "tasks", tuple(self.tasks))
         object.__setattr__(self, "decoder_channels", tuple(self.decoder_channels))
+        if self.class_names is not None:
+            object.__setattr__(self, "class_names", tuple(str(n) for n in self.class_names))
+        if self.palette is not None:
+            object.__setattr__(self, "palette", tuple(tuple(int(v) for v in c) for c in self.palette))
+            if any(len(c) != 3 or not all(0 <= v <= 255 for v in c) for c in self.palette):
+                raise ValueError(f"palette entries must be RGB triples 0..255, got {self.palette}")
+        for what in ("class_names", "palette"):
+            given = getattr(self, what)
+            if given is not None and len(given) != self.num_classes:
+                raise ValueError(f"{what} has {len(given)} entries, num_classes is {self.num_classes}")
+        # VOC's own label set is stored as None, so a config that spells it out equals one from before these fields
+        # (a resume compares configs) and config.json stays as it was
+        if self.class_names == self.default_names():
+            object.__setattr__(self, "class_names", None)
+        if self.palette == self.default_colours():
+            object.__setattr__(self, "palette", None)
+
+    def default_names(self) -> tuple[str, ...]:
+        """VOC's names for 21 classes, else the label values."""
+        return VOC_CLASSES if self.num_classes == len(VOC_CLASSES) else tuple(str(c) for c in range(self.num_classes))
+
+    def default_colours(self) -> tuple[tuple[int, int, int], ...]:
+        """VOC's colour of each label value."""
+        return tuple(voc_colour(c) for c in range(self.num_classes))
+
+    def names(self) -> tuple[str, ...]:
+        """One name per class: the label set's, else default_names()."""
+        return self.class_names if self.class_names is not None else self.default_names()
+
+    def colours(self) -> tuple[tuple[int, int, int], ...]:
+        """One RGB colour per class: the label set's, else VOC's."""
+        return self.palette if self.palette is not None else self.default_colours()
 
     def save(self, path: Path) -> None:
         """Write as JSON."""

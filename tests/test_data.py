@@ -174,6 +174,9 @@ def test_tensorboard_panels_carry_titles():
 
 
 def test_real_voc_mini(voc_mini):
+    from data import guess_dataset
+
+    assert guess_dataset(voc_mini.parent.parent) == "voc"
     train = VOCSegmentation(voc_mini.parent.parent, "train")  # the VOCdevkit parent works too
     val = VOCSegmentation(voc_mini, "val", get_transform(False, 0, 0))
     assert (len(train), len(val)) == (330, 346)
@@ -186,3 +189,23 @@ def test_real_voc_mini(voc_mini):
     assert values <= set(range(21)) | {255} and 255 in values and len(values - {0, 255}) >= 1
     with pytest.raises(DataError, match="(?s)PseudoDepth.*make_depth.py"):
         VOCSegmentation(voc_mini, "val", with_depth=True)
+
+
+def test_label_colours_follow_the_dataset_palette():
+    palette = ((10, 20, 30), (40, 50, 60), (70, 80, 90))  # a 3-class label set
+    label = torch.tensor([[0, 1], [2, 255]])
+    rgb = colorize_label(label, palette)
+    assert rgb[:, 0, 0].tolist() == [10, 20, 30] and rgb[:, 1, 0].tolist() == [70, 80, 90]
+    assert rgb[:, 1, 1].tolist() == [224, 224, 192]  # ignore keeps VOC's boundary colour
+    assert colorize_label(label)[:, 0, 1].tolist() == [128, 0, 0]  # no palette: VOC's
+    png = to_palette_png(label, palette)
+    assert png.mode == "P" and png.getpalette()[:9] == [v for c in palette for v in c]
+    assert np.array_equal(np.array(png), label.numpy())  # the indices are the class ids
+    assert to_palette_png(label).getpalette()[3:6] == [128, 0, 0]
+    writer = Writer()
+    accelerator = type("Accelerator", (), {"get_tracker": lambda self, name, unwrap: writer})()
+    batch = {"image": torch.zeros(1, 3, 2, 2), "label": label[None]}
+    log_images(accelerator, batch, {"seg": torch.nn.functional.one_hot(label.clamp(0, 2), 3).permute(2, 0, 1)[None].float()},
+               step=0, palette=palette)
+    row = next(iter(writer.images.values()))[:, TITLE_HEIGHT:]
+    assert torch.equal(row[:, :, 2:4], rgb) and row[:, 0, 4:6].tolist() == [[10, 40], [20, 50], [30, 60]]

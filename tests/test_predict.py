@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from data.synthetic import VOC_PALETTE
-from data.transforms import IMAGENET_MEAN, IMAGENET_STD, SIZE_DIVISOR
+from data.transforms import IMAGENET_MEAN, IMAGENET_STD, SIZE_DIVISOR, eval_image
 from data.voc import DataError
+from evaluation.inference import onnx_predictor, torch_predictor
 from models import ModelConfig, build_model, load_model, save_model
-from models.deploy import onnx_predictor, predict, preprocess, torch_predictor
 from tools import export
 from tools import predict as predict_tool
 
@@ -70,13 +70,10 @@ def write_images(folder, sizes=((67, 71), (40, 50))):
 
 @torch.no_grad()
 def independent_logits(model, path) -> torch.Tensor:
-    """Normalise with ImageNet statistics, zero-pad to a multiple of 32, run, crop; no repo helpers."""
+    """Normalise with ImageNet statistics, run at the image's size; no repo helpers."""
     img = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
     x = torch.from_numpy((img - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32))
-    x = x.permute(2, 0, 1)[None]
-    h, w = x.shape[-2:]
-    x = F.pad(x, (0, (-w) % SIZE_DIVISOR, 0, (-h) % SIZE_DIVISOR))
-    return model(x)["seg"][0, :, :h, :w]
+    return model(x.permute(2, 0, 1)[None])["seg"][0]
 
 
 def test_real_voc_images_give_palette_masks_of_the_image_size(voc_mini, exported, tmp_path):
@@ -124,16 +121,21 @@ def test_no_depth_flag(checkpoint, tmp_path):
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["a.png"]
 
 
-def test_preprocess_is_the_validation_normalisation_zero_padded():
+def test_each_image_reaches_the_model_alone_at_its_size_normalised():
     image = torch.randint(0, 256, (3, 67, 71), dtype=torch.uint8)
-    x = preprocess(image)
-    assert x.shape == (1, 3, 96, 96)
+    seen = []
+
+    def fake(x):
+        seen.append(x.clone())
+        return {"seg": torch.zeros(x.shape[0], 21, *x.shape[-2:])}
+
+    predict_tool.predict(fake, image, "cpu")
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    torch.testing.assert_close(x[0, :, :67, :71], (image / 255.0 - mean) / std)
-    assert x[..., 67:, :].abs().sum() == 0 and x[..., 71:].abs().sum() == 0
+    assert len(seen) == 1 and seen[0].shape == (1, 3, 67, 71)  # no padding
+    torch.testing.assert_close(seen[0][0], (image / 255.0 - mean) / std)
 
 
-def test_predict_crops_the_padding_back_top_left_aligned():
+def test_predict_keeps_the_layout_of_the_outputs():
     def fake(x):  # class of a pixel = its column mod 21, depth = its row
         b, _, h, w = x.shape
         cols = torch.arange(w).remainder(21)
@@ -141,7 +143,7 @@ def test_predict_crops_the_padding_back_top_left_aligned():
         depth = torch.arange(h, dtype=torch.float32).view(1, 1, h, 1).expand(b, 1, h, w)
         return {"seg": seg, "depth": depth}
 
-    out = predict(fake, torch.zeros(3, 37, 50, dtype=torch.uint8))
+    out = predict_tool.predict(fake, torch.zeros(3, 37, 50, dtype=torch.uint8), "cpu")
     assert out["seg"].shape == (37, 50) and out["seg"].dtype == torch.uint8
     assert torch.equal(out["seg"], torch.arange(50).remainder(21).to(torch.uint8).expand(37, 50))
     assert torch.equal(out["depth"][0, :, 0], torch.arange(37, dtype=torch.float32))
@@ -158,13 +160,15 @@ def test_overlay_blends_foreground_and_keeps_background():
 
 def test_onnx_backend_matches_torch_backend(exported, tmp_path):
     image = torch.from_numpy(np.array(Image.open(write_images(tmp_path / "in")[0]))).permute(2, 0, 1)
-    x = preprocess(image)
-    ref = torch_predictor(load_model(exported), "cpu")(x)["seg"]
+    x = eval_image(image)[None]
+    ref = torch_predictor(load_model(exported))(x)["seg"]
     got = onnx_predictor(exported / "model.onnx", "cpu")(x)["seg"]
     assert got.shape == ref.shape and (got - ref).abs().max() <= ORT_TOL * ref.abs().max()
     run_predict("--model", exported, "--backend", "onnx", "--input", tmp_path / "in", "--out", tmp_path / "o")
     mask = Image.open(tmp_path / "o" / "a.png")
     assert mask.mode == "P" and mask.size == (71, 67)
+    run_predict("--model", exported / "model.onnx", "--input", tmp_path / "in", "--out", tmp_path / "o2")  # the file
+    assert np.array_equal(np.array(Image.open(tmp_path / "o2" / "a.png")), np.array(mask))
 
 
 def test_unreadable_image_is_named(exported, tmp_path):

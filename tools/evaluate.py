@@ -5,9 +5,11 @@
         --flip --scales 0.75,1,1.25 --save-worst 10 --output eval/val_tta.json
     accelerate launch --multi_gpu --num_processes 8 tools/evaluate.py --checkpoint ... --data-root ...
 
-Every image is predicted alone at its label's original resolution (images of one size share a forward
-pass), so the numbers do not depend on --batch-size or the number of processes. Metrics come from
-evaluation/metrics.py, the code train.py's validation uses; README "Evaluation and metric conventions".
+Every image is predicted alone at its label's original resolution by evaluation/inference.py, the rule
+train.py's validation and tools/predict.py use, so the numbers do not depend on --batch-size or the number of
+processes, and predict.py's masks scored against the labels give this report's confusion matrix. Metrics come
+from evaluation/metrics.py, the code train.py's validation uses; README "Evaluation and metric conventions".
+--checkpoint may also be an exported folder with --backend onnx|onnx-int8, or an exported .onnx file.
 """
 import argparse
 import json
@@ -19,18 +21,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so that `python 
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from data import VOCSegmentation, collate, get_transform
-from data.synthetic import VOC_CLASSES
+from data import PRESETS, Preset, collate, get_transform, guess_dataset, prepare_root
 from data.visualize import colorize_label, denormalize, to_palette_png
-from data.voc import depth_fix_command, resolve_voc_root
-from models import load_model
+from data.voc import depth_fix_command
 from models.checkpoint import resolve_checkpoint
+from evaluation.inference import (BACKENDS, Predictor, load_config, load_predictor, onnx_file, predict_batch,
+                                  predict_image)
 from evaluation.metrics import ConfusionMatrix, SegEvaluator
 
 CELL = 24  # heat map cell, pixels
@@ -41,10 +42,12 @@ OVERLAY_ALPHA = 0.6  # class colour over the photo; background pixels keep the p
 
 
 class EvalSet(Dataset):
-    """The first `count` samples of a dataset, each tagged with its index (gathered to name per-image scores)."""
+    """The first `count` samples of a dataset, each tagged with its index (gathered to name per-image scores), and
+    the preset it was opened with (class names, how iIoU weighs instances)."""
 
-    def __init__(self, dataset: VOCSegmentation, count: int | None = None):
+    def __init__(self, dataset: Dataset, preset: Preset, count: int | None = None):
         self.dataset = dataset
+        self.preset = preset
         self.ids = dataset.ids[: count or len(dataset)]
 
     def __len__(self) -> int:
@@ -55,54 +58,21 @@ class EvalSet(Dataset):
 
 
 def collate_eval(samples: list[dict]) -> dict:
-    """data.collate plus each sample's index and original size (B, 2) as (h, w)."""
+    """data.collate (each sample's own size included) plus each sample's index."""
     out = collate(samples)
     out["index"] = torch.tensor([s["index"] for s in samples])
-    out["size"] = torch.tensor([tuple(s["image"].shape[-2:]) for s in samples])
-    return out
-
-
-def predict_same_size(model, x: torch.Tensor, tasks: tuple[str, ...], scales, flip: bool) -> dict:
-    """Softmax (B, K, h, w) and depth (B, 1, h, w) of images of one size, averaged over scales and flips."""
-    size = x.shape[-2:]
-    sums, n = {}, 0
-    for s in scales:
-        xs = x if s == 1 else F.interpolate(x, size=[max(1, round(d * s)) for d in size], mode="bilinear", align_corners=False)
-        for flipped in (False, True) if flip else (False,):
-            out = model((xs.flip(-1) if flipped else xs).contiguous(memory_format=torch.channels_last), tasks=tasks)
-            out = {k: v.float().softmax(1) if k == "seg" else v.float() for k, v in out.items()}
-            for key, v in out.items():
-                v = v.flip(-1) if flipped else v
-                if v.shape[-2:] != size:  # back to the label's resolution
-                    v = F.interpolate(v, size=size, mode="bilinear", align_corners=False)
-                sums[key] = sums.get(key, 0) + v
-            n += 1
-    return {k: v / n for k, v in sums.items()}
-
-
-def predict(model, batch: dict, tasks: tuple[str, ...], scales=(1.0,), flip: bool = False) -> dict:
-    """Per-image predictions on the batch canvas (B, C, H, W): each image cropped to its own size first, so
-    the padding other images forced on it never reaches the model. Padding: probability 0, depth NaN."""
-    image, sizes = batch["image"], [tuple(s) for s in batch["size"].tolist()]
-    b, _, height, width = image.shape
-    out = {}
-    for h, w in sorted(set(sizes)):
-        idx = torch.tensor([i for i, s in enumerate(sizes) if s == (h, w)], device=image.device)
-        for key, v in predict_same_size(model, image[idx, :, :h, :w], tasks, scales, flip).items():
-            if key not in out:
-                out[key] = v.new_full((b, v.shape[1], height, width), 0.0 if key == "seg" else math.nan)
-            out[key][idx, :, :h, :w] = v
     return out
 
 
 @torch.no_grad()
-def evaluate(model, loader, accelerator, num_classes: int, tasks, scales, flip) -> tuple[dict, dict[int, float]]:
+def evaluate(run: Predictor, loader, accelerator, num_classes: int, scales=(1.0,), flip: bool = False
+             ) -> tuple[dict, dict[int, float]]:
     """Split metrics and per-image mIoU by dataset index; every sample counted exactly once across processes."""
-    evaluator = SegEvaluator(num_classes)
+    evaluator = SegEvaluator(num_classes, **loader.dataset.preset.metric_options())
     rows, indices = [], []
     for batch in tqdm(loader, desc="evaluate", disable=not accelerator.is_local_main_process):
         with accelerator.autocast():
-            outputs = predict(model, batch, tasks, scales, flip)
+            outputs = predict_batch(run, batch, scales, flip)
         rows.append(evaluator.update(outputs, batch, accelerator).cpu())
         indices.append(accelerator.gather_for_metrics(batch["index"]).cpu())
     index = torch.cat(indices)
@@ -112,6 +82,15 @@ def evaluate(model, loader, accelerator, num_classes: int, tasks, scales, flip) 
                            f"expected {expected} once each")
     per_image = ConfusionMatrix.sample_miou(torch.cat(rows), num_classes)
     return evaluator.compute(), dict(zip(index.tolist(), per_image.tolist()))
+
+
+def score(run: Predictor, dataset: EvalSet, num_classes: int, scales=(1.0,), flip: bool = False,
+          batch_size: int = 4, workers: int = 0) -> tuple[dict, dict[int, float]]:
+    """`evaluate` in this process alone (no launcher): a Predictor's metrics on a dataset from get_dataset, exactly
+    as this tool's report gives them (tools/export.py scores its exported files with it)."""
+    accelerator = Accelerator(cpu=True)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_eval)
+    return evaluate(run, loader, accelerator, num_classes, scales, flip)
 
 
 def finite_or_none(x):
@@ -235,35 +214,43 @@ def confusion_image(mat, names: list[str]) -> Image.Image:
     return img
 
 
-def overlay(image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-    """(3, H, W) uint8 photo with the VOC colours of `label` blended over its non-background pixels."""
-    colour = colorize_label(label).float()
+def overlay(image: torch.Tensor, label: torch.Tensor, palette=None) -> torch.Tensor:
+    """(3, H, W) uint8 photo with the colours of `label` (the dataset's palette, default VOC's) blended over its
+    non-background pixels."""
+    colour = colorize_label(label, palette).float()
     blend = (1 - OVERLAY_ALPHA) * image.float() + OVERLAY_ALPHA * colour
     return torch.where((label.cpu() != 0)[None], blend, image.float()).to(torch.uint8)
 
 
-@torch.no_grad()
-def save_worst(model, dataset: EvalSet, per_image: dict, n: int, out_dir: Path, tasks, scales, flip, device) -> list:
+def save_worst(run: Predictor, dataset: EvalSet, per_image: dict, n: int, out_dir: Path, scales, flip, device) -> list:
     """Panels (photo | label overlay | prediction overlay) and palette predictions of the n lowest-mIoU images."""
     scored = sorted((v, i) for i, v in per_image.items() if not math.isnan(v))[:n]
     out_dir.mkdir(parents=True, exist_ok=True)
     worst = []
     for rank, (score, idx) in enumerate(scored):
-        sample = collate_eval([dataset[idx]])
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in sample.items()}
-        h, w = sample["size"][0].tolist()  # collate padded the canvas to a multiple of 32
-        pred = predict(model, batch, tasks, scales, flip)["seg"][0, :, :h, :w].argmax(0).cpu()  # (h, w)
-        image, label, name = denormalize(sample["image"][0, :, :h, :w]), sample["label"][0, :h, :w], dataset.ids[idx]
-        panel = torch.cat([image, overlay(image, label), overlay(image, pred)], dim=2)
+        sample = dataset[idx]
+        x = sample["image"].as_subclass(torch.Tensor)
+        pred = predict_image(run, x.to(device), scales, flip)["seg"].argmax(0).cpu()  # (h, w)
+        image, label, name = denormalize(x), sample["label"].as_subclass(torch.Tensor), dataset.ids[idx]
+        palette = dataset.preset.palette
+        panel = torch.cat([image, overlay(image, label, palette), overlay(image, pred, palette)], dim=2)
         stem = f"{rank:03d}_{name}"
         Image.fromarray(panel.permute(1, 2, 0).numpy()).save(out_dir / f"{stem}.png")
-        to_palette_png(pred).save(out_dir / f"{stem}_pred.png")
+        to_palette_png(pred, palette).save(out_dir / f"{stem}_pred.png")
         worst.append({"rank": rank, "id": name, "mIoU": score, "file": f"{stem}.png"})
     return worst
 
 
-def get_dataset(root: Path, split: str, config, max_images: int | None) -> tuple[EvalSet, tuple[str, ...], list[str]]:
-    """The split at original resolution, the tasks to evaluate and notes on what cannot be measured."""
+def get_dataset(data_root: str | Path, split: str, config, max_images: int | None, dataset: str | None = None
+                ) -> tuple[EvalSet, tuple[str, ...], list[str]]:
+    """The split at original resolution, the tasks to evaluate and notes on what cannot be measured. `dataset`: a
+    PRESETS name; default: what the folder looks like (data.guess_dataset: VOC, your own folder or Cityscapes)."""
+    name = dataset or guess_dataset(data_root)
+    root = prepare_root(name, data_root)
+    preset = PRESETS[name].for_root(root)
+    if preset.num_classes != config.num_classes:
+        raise ValueError(f"the model predicts {config.num_classes} classes, {root} ({name}) has {preset.num_classes}; "
+                         "evaluate it on the dataset it was trained for")
     tasks, notes = ("seg",), []
     if "depth" in config.tasks:
         if (root / "PseudoDepth").is_dir():
@@ -271,10 +258,10 @@ def get_dataset(root: Path, split: str, config, max_images: int | None) -> tuple
         else:
             notes.append(f"depth metrics not available: no PseudoDepth/ in {root} "
                          f"(make it with: {depth_fix_command(root, split)})")
-    base = VOCSegmentation(root, split, get_transform(False, 0, 0), "depth" in tasks, config.num_classes)
+    base = preset.open(root, split, get_transform(False, 0, 0), "depth" in tasks)
     if not base.with_instances:
-        notes.append(f"iIoU not available: no SegmentationObject/ instance masks in {root}")
-    dataset = EvalSet(base, max_images)
+        notes.append(f"iIoU not available: no instance masks in {root}")
+    dataset = EvalSet(base, preset, max_images)
     if len(dataset) < len(base):
         notes.append(f"subset: the first {len(dataset)} of {len(base)} images of {split!r} (--max-images)")
     return dataset, tasks, notes
@@ -290,27 +277,29 @@ def write_outputs(report: dict, output: Path, names: list[str]) -> None:
 
 def main(args):
     accelerator = Accelerator(cpu=args.cpu or not torch.cuda.is_available(), mixed_precision=args.mixed_precision)
-    checkpoint = resolve_checkpoint(args.checkpoint)
-    model = load_model(checkpoint)
-    config = model.config
-    root = resolve_voc_root(args.data_root)
-    dataset, tasks, notes = get_dataset(root, args.split, config, args.max_images)
-    names = list(VOC_CLASSES) if config.num_classes == len(VOC_CLASSES) else [str(c) for c in range(config.num_classes)]
+    onnx = onnx_file(args.checkpoint, args.backend)
+    checkpoint = onnx if onnx is not None else resolve_checkpoint(args.checkpoint)
+    config = load_config(checkpoint, args.backend)
+    dataset, tasks, notes = get_dataset(args.data_root, args.split, config, args.max_images, args.dataset)
+    root = dataset.dataset.root
+    # ONNX Runtime runs on the CPU here: what an edge device runs, scored as it ships
+    run, _ = load_predictor(checkpoint, args.backend, "cpu" if onnx is not None else accelerator.device, tasks)
+    names = list(config.names())
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
                         collate_fn=collate_eval, pin_memory=torch.cuda.is_available())
-    model = model.to(accelerator.device, memory_format=torch.channels_last).eval()
     loader = accelerator.prepare(loader)  # the model stays unwrapped: no gradients, nothing to synchronise
-    metrics, per_image = evaluate(model, loader, accelerator, config.num_classes, tasks, args.scales, args.flip)
+    metrics, per_image = evaluate(run, loader, accelerator, config.num_classes, args.scales, args.flip)
     settings = {"checkpoint": str(checkpoint), "data_root": str(root), "split": args.split, "split_size": len(dataset.dataset),
                 "num_images": len(dataset), "flip": args.flip, "scales": list(args.scales), "tasks": list(tasks),
-                "batch_size": args.batch_size, "world_size": accelerator.num_processes,
+                "batch_size": args.batch_size, "world_size": accelerator.num_processes, "backend": "onnx" if onnx else "torch",
                 "mixed_precision": accelerator.mixed_precision, "model": {**vars(config)}}
     report = build_report(metrics, per_image, dataset.ids, names, notes, settings)
-    output = Path(args.output) if args.output else checkpoint / f"eval_{args.split}.json"
+    output = Path(args.output) if args.output else (checkpoint.parent / f"eval_{args.split}_{checkpoint.stem}.json"
+                                                     if onnx is not None else checkpoint / f"eval_{args.split}.json")
     if accelerator.is_main_process:
         if args.save_worst:
-            report["worst_images"] = finite_or_none(save_worst(model, dataset, per_image, args.save_worst,
-                                                               output.with_name(output.stem + "_worst"), tasks,
+            report["worst_images"] = finite_or_none(save_worst(run, dataset, per_image, args.save_worst,
+                                                               output.with_name(output.stem + "_worst"),
                                                                args.scales, args.flip, accelerator.device))
         write_outputs(report, output, names)
         accelerator.print(markdown_table(report) + f"\nreport: {output}")
@@ -329,8 +318,16 @@ def parse_scales(text: str) -> tuple[float, ...]:
 
 def get_args_parser():
     p = argparse.ArgumentParser(description="Evaluate a segmentation checkpoint on a VOC-format split", add_help=True)
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder (model.safetensors + config.json) or a run folder")
-    p.add_argument("--data-root", required=True, help="VOCdevkit/VOC2012 or a folder above it")
+    p.add_argument("--checkpoint", "--model", required=True, metavar="PATH",
+                   help="checkpoint folder (model.safetensors + config.json), a run folder, an exported folder, or an "
+                        "exported .onnx file (fp32 or int8, run by ONNX Runtime on the CPU)")
+    p.add_argument("--backend", default="torch", choices=BACKENDS,
+                   help="for a folder: torch (model.safetensors), onnx (model.onnx) or onnx-int8 (model_int8.onnx from "
+                        "export.py --int8) (default torch)")
+    p.add_argument("--data-root", required=True, help="VOCdevkit/VOC2012 or a folder above it, your own VOC-format "
+                                                      "folder with classes.txt, or a Cityscapes folder")
+    p.add_argument("--dataset", default=None, choices=sorted(PRESETS),
+                   help="how to read --data-root (default: what it looks like: cityscapes, folder or voc)")
     p.add_argument("--split", default="val", help="ImageSets/Segmentation/<split>.txt")
     p.add_argument("--output", default=None, help="report FILE.json; FILE.md, FILE_confusion.png and FILE_worst/ go beside it "
                                                    "(default: <checkpoint>/eval_<split>.json)")

@@ -1,13 +1,17 @@
-"""Segment images with an exported or a training model: VOC-palette masks, overlays and depth images.
+"""Segment images with an exported or a training model: palette masks, overlays and depth images.
 
     python tools/predict.py --model exported/ --input photos/ --out predictions/
     python tools/predict.py --model runs/latest --input a.jpg b.png --out predictions/ --overlay
     python tools/predict.py --model exported/ --backend onnx --device cpu --input photos/ --out predictions/
 
-For each image: `<stem>.png`, the class mask as a palette PNG in the VOC colours (pixel values are
-class ids, as in SegmentationClass/), at the image's size; with --overlay `<stem>_overlay.jpg`;
+For each image: `<stem>.png`, the class mask as a palette PNG in the model's class colours (VOC's, or those of
+its dataset's classes.txt; pixel values are class ids, as in SegmentationClass/), at the image's size; with
+--overlay `<stem>_overlay.jpg`;
 and, for a model with a depth decoder (a training checkpoint), `<stem>_depth.png` (near = bright).
-Images go through the validation transform (ImageNet mean/std), padded to a multiple of 32.
+Each image is predicted alone at its own size through the validation transform (ImageNet mean/std), by
+evaluation/inference.py, the rule tools/evaluate.py and train.py's validation score by: scoring these masks
+against labels gives exactly the confusion matrix tools/evaluate.py reports. --model may be an exported .onnx
+file (fp32 or int8): it is run by ONNX Runtime.
 """
 import argparse
 import sys
@@ -22,9 +26,9 @@ from torchvision.transforms.v2.functional import pil_to_tensor  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from data.visualize import colorize_depth, colorize_label, to_palette_png  # noqa: E402
+from data.transforms import eval_image  # noqa: E402
 from data.voc import DataError  # noqa: E402
-from models.checkpoint import load_model  # noqa: E402
-from models.deploy import ONNX_NAME, Predictor, onnx_predictor, predict, seg_only, torch_predictor  # noqa: E402
+from evaluation.inference import BACKENDS, Predictor, load_predictor, predict_image  # noqa: E402
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # what a folder given as --input contributes
 OVERLAY_QUALITY = 90  # JPEG quality of the overlays
@@ -89,20 +93,25 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def load_predictor(model: str, backend: str, device: str, depth: bool) -> tuple[Predictor, tuple[str, ...]]:
-    """The inference function and the tasks it returns."""
-    if backend == "onnx":
-        path = Path(model)
-        return onnx_predictor(path if path.suffix == ".onnx" else path / ONNX_NAME, device), ("seg",)
-    net = load_model(model)
-    if not depth and "depth" in net.tasks:
-        net = seg_only(net)
-    return torch_predictor(net, device), net.tasks
+def load(model: str, backend: str, device: str, depth: bool) -> tuple[Predictor, tuple[str, ...], tuple]:
+    """The inference function, the tasks it returns (the depth decoder skipped unless `depth`) and the colour of
+    each class (the model's label set: config.json)."""
+    run, config = load_predictor(model, backend, device, None if depth else ("seg",))
+    return run, config.tasks if depth else ("seg",), config.colours()
 
 
-def blend(image: Tensor, mask: Tensor, alpha: float) -> Tensor:
-    """Class colours over the image (3, H, W) uint8; background pixels keep the image."""
-    mixed = image.float() * (1 - alpha) + colorize_label(mask).float() * alpha
+def predict(run: Predictor, image: Tensor, device: str) -> dict[str, Tensor]:
+    """uint8 (3, H, W) -> {"seg": (H, W) uint8 class ids, "depth": (1, H, W) float if the model has it}, on the CPU."""
+    out = predict_image(run, eval_image(image).to(device))
+    result = {"seg": out["seg"].argmax(0).to(torch.uint8).cpu()}
+    if "depth" in out:
+        result["depth"] = out["depth"].cpu()
+    return result
+
+
+def blend(image: Tensor, mask: Tensor, alpha: float, palette=None) -> Tensor:
+    """Class colours (default VOC's) over the image (3, H, W) uint8; background pixels keep the image."""
+    mixed = image.float() * (1 - alpha) + colorize_label(mask, palette).float() * alpha
     return torch.where(mask > 0, mixed, image.float()).round().to(torch.uint8)
 
 
@@ -111,11 +120,13 @@ def to_pil(rgb: Tensor) -> Image.Image:
     return Image.fromarray(rgb.permute(1, 2, 0).contiguous().numpy())
 
 
-def save_outputs(result: dict[str, Tensor], image: Tensor, stem: str, out: Path, args: argparse.Namespace) -> None:
+def save_outputs(result: dict[str, Tensor], image: Tensor, stem: str, out: Path, args: argparse.Namespace,
+                 palette=None) -> None:
     """Mask (palette PNG), optional overlay (JPEG) and depth image (PNG) of one input."""
-    to_palette_png(result["seg"]).save(out / f"{stem}.png")
+    to_palette_png(result["seg"], palette).save(out / f"{stem}.png")
     if args.overlay:
-        to_pil(blend(image, result["seg"], args.alpha)).save(out / f"{stem}_overlay.jpg", quality=OVERLAY_QUALITY)
+        to_pil(blend(image, result["seg"], args.alpha, palette)).save(out / f"{stem}_overlay.jpg",
+                                                                      quality=OVERLAY_QUALITY)
     if "depth" in result:
         to_pil(colorize_depth(result["depth"])).save(out / f"{stem}_depth.png")
 
@@ -127,20 +138,21 @@ def main(args: argparse.Namespace) -> None:
     check_outputs(files, out)
     check_headers(files)
     device = resolve_device(args.device)
-    run, tasks = load_predictor(args.model, args.backend, device, depth=not args.no_depth)
+    run, tasks, palette = load(args.model, args.backend, device, depth=not args.no_depth)
     print(f"model {args.model} ({args.backend} on {device}, outputs {'+'.join(tasks)}); {len(files)} images")
     out.mkdir(parents=True, exist_ok=True)
     for path in tqdm(files, desc="predict", unit="img"):
         image = read_image(path)
-        save_outputs(predict(run, image), image, path.stem, out, args)
+        save_outputs(predict(run, image, device), image, path.stem, out, args, palette)
     print(f"wrote {len(files)} masks to {out}")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     """Return the command-line parser."""
-    parser = argparse.ArgumentParser(description="Predict VOC-palette masks (and depth) for images", add_help=True)
-    parser.add_argument("--model", required=True, metavar="DIR|CHECKPOINT",
-                        help="exported folder (tools/export.py), checkpoint folder or run folder; required")
+    parser = argparse.ArgumentParser(description="Predict palette masks (and depth) for images", add_help=True)
+    parser.add_argument("--model", required=True, metavar="DIR|CHECKPOINT|FILE.onnx",
+                        help="exported folder (tools/export.py), checkpoint folder, run folder or an exported .onnx file "
+                             "(run by ONNX Runtime); required")
     parser.add_argument("--input", required=True, nargs="+", metavar="FILE|DIR",
                         help="image files and/or folders (folders: *.jpg, *.jpeg, *.png); required")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder; required")
@@ -150,9 +162,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="skip the depth decoder of a multi-decoder checkpoint (no <stem>_depth.png)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                         help="where to run: auto = cuda when available (default auto)")
-    parser.add_argument("--backend", default="torch", choices=("torch", "onnx"),
-                        help="torch (model.safetensors + config.json) or onnx (model.onnx, needs onnxruntime) "
-                             "(default torch)")
+    parser.add_argument("--backend", default="torch", choices=BACKENDS,
+                        help="for a folder: torch (model.safetensors + config.json), onnx (model.onnx) or onnx-int8 "
+                             "(model_int8.onnx from export.py --int8); the ONNX ones need onnxruntime (default torch)")
     return parser
 
 
