@@ -173,7 +173,7 @@ class CityscapesSegmentation(Dataset):
             if other != size:
                 raise size_error(path, what, other, size)
             if kind == "depth" and mode == "L":
-                found.append(f"{path}: 8-bit pseudo depth (expected 16-bit from tools/make_depth.py); read as 0..255")
+                found.append(f"{path}: 8-bit pseudo depth (expected 16-bit, as tools/make_depth.py writes); read as 0..255")
         return found
 
     def read_image(self, idx: int) -> torch.Tensor:

@@ -190,7 +190,7 @@ class VOCSegmentation(Dataset):
             if other != size:
                 raise size_error(path, what, other, size)
             if folder == "PseudoDepth" and mode == "L":
-                found.append(f"{path}: 8-bit pseudo depth (expected 16-bit from tools/make_depth.py); read as 0..255")
+                found.append(f"{path}: 8-bit pseudo depth (expected 16-bit, as tools/make_depth.py writes); read as 0..255")
         return found
 
     def warn(self, found: list[str]) -> None:

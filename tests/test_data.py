@@ -119,7 +119,7 @@ def test_8bit_and_constant_depth_warn_naming_the_file(tiny_voc, tmp_path, capsys
         ds = VOCSegmentation(root, "train", with_depth=True)
     path = root / "PseudoDepth" / f"{eight}.png"  # one line, no "UserWarning", no source line under it
     assert capsys.readouterr().err == (f"warning: 1 of 16 samples of split 'train': {path}: 8-bit pseudo depth "
-                                       "(expected 16-bit from tools/make_depth.py); read as 0..255\n")
+                                       "(expected 16-bit, as tools/make_depth.py writes); read as 0..255\n")
     depth = ds.load(0)["depth"]
     assert torch.allclose(depth[0], torch.from_numpy((depth16 >> 8) / 255.0).float())  # 0..1, not 0..255/65535
     with pytest.warns(DataWarning, match=rf"{flat}\.png: constant pseudo depth"):
