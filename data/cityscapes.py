@@ -24,11 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.datasets import Cityscapes
-from torchvision.transforms.v2.functional import pil_to_tensor
 
 from data.voc import (
     DEPTH_MODES_16BIT,
@@ -41,6 +39,7 @@ from data.voc import (
     read_depth,
     read_header,
     read_png_array,
+    read_rgb,
     size_error,
 )
 
@@ -178,12 +177,7 @@ class CityscapesSegmentation(Dataset):
 
     def read_image(self, idx: int) -> torch.Tensor:
         """Decoded RGB image (3, H, W) uint8."""
-        path = self.path("image", idx)
-        try:
-            with Image.open(path) as im:
-                return pil_to_tensor(im.convert("RGB"))
-        except (OSError, ValueError) as exc:
-            raise DataError(f"{path}: unreadable image ({exc})") from exc
+        return read_rgb(self.path("image", idx))
 
     def read_map(self, kind: str, idx: int, size: tuple[int, int]) -> np.ndarray:
         """A single-channel map of the sample, checked against the image's size."""

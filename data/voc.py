@@ -61,6 +61,16 @@ def read_split(root: Path, split: str) -> list[str]:
     return ids
 
 
+def read_rgb(path: Path) -> torch.Tensor:
+    """A decoded RGB image (3, H, W) uint8; DataError naming the file when it cannot be decoded."""
+    try:
+        with Image.open(path) as im:
+            return pil_to_tensor(im.convert("RGB"))
+    except (OSError, ValueError) as exc:
+        kind = "JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else path.suffix.lstrip(".").upper() or "file"
+        raise DataError(f"{path}: unreadable image (corrupt or truncated {kind}: {exc})") from exc
+
+
 def depth_fix_command(root: Path, split: str) -> str:
     """The command that writes the missing pseudo depth maps."""
     return f"python tools/make_depth.py --data-root {shlex.quote(str(root))} --split {shlex.quote(split)}"
@@ -203,12 +213,7 @@ class VOCSegmentation(Dataset):
 
     def read_image(self, idx: int) -> torch.Tensor:
         """Decoded RGB image (3, H, W) uint8."""
-        path = self.path("JPEGImages", idx)
-        try:
-            with Image.open(path) as im:
-                return pil_to_tensor(im.convert("RGB"))
-        except (OSError, ValueError) as exc:
-            raise DataError(f"{path}: unreadable image (corrupt or truncated JPEG: {exc})") from exc
+        return read_rgb(self.path("JPEGImages", idx))
 
     def load(self, idx: int) -> dict:
         """The sample before transforms."""

@@ -22,12 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch import Tensor  # noqa: E402
-from torchvision.transforms.v2.functional import pil_to_tensor  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from data.visualize import colorize_depth, colorize_label, to_palette_png  # noqa: E402
 from data.transforms import eval_image  # noqa: E402
-from data.voc import DataError  # noqa: E402
+from data.voc import DataError, read_rgb  # noqa: E402
 from evaluation.inference import BACKENDS, Predictor, load_predictor, predict_image  # noqa: E402
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # what a folder given as --input contributes
@@ -63,15 +62,6 @@ def check_outputs(files: list[Path], out: Path) -> None:
     clobbered = [out / name for name in owner if (out / name).resolve() in inputs]
     if clobbered:
         raise ValueError(f"--out {out} would overwrite the input {clobbered[0]}; choose another folder")
-
-
-def read_image(path: Path) -> Tensor:
-    """Decoded RGB image (3, H, W) uint8, as the dataset reads it."""
-    try:
-        with Image.open(path) as im:
-            return pil_to_tensor(im.convert("RGB"))
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: unreadable image ({exc})") from exc
 
 
 def check_headers(files: list[Path]) -> None:
@@ -142,7 +132,7 @@ def main(args: argparse.Namespace) -> None:
     print(f"model {args.model} ({args.backend} on {device}, outputs {'+'.join(tasks)}); {len(files)} images")
     out.mkdir(parents=True, exist_ok=True)
     for path in tqdm(files, desc="predict", unit="img"):
-        image = read_image(path)
+        image = read_rgb(path)  # as the dataset reads it
         save_outputs(predict(run, image, device), image, path.stem, out, args, palette)
     print(f"wrote {len(files)} masks to {out}")
 
