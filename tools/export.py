@@ -2,12 +2,17 @@
 
     python tools/export.py --checkpoint runs/latest --out exported/
     python tools/export.py --checkpoint runs/latest/checkpoints/last --out exported/ --flops-size 480x640
+    python tools/export.py --checkpoint runs/latest --out exported/ --int8 --calibration-images 300
 
 Writes to --out: `model.safetensors` + `config.json` (loadable with models.load_model), `model.pt`
 (TorchScript) and `model.onnx` (input "image" (B, 3, H, W), output "logits" (B, 21, H, W), batch,
 height and width dynamic), and `export.json` (cost and parity numbers). Prints the parameters and
 FLOPs of the full and the exported model, then checks that all three files give the seg logits of
 the checkpoint's model in PyTorch eager and fails, leaving --out unchanged, when they do not.
+
+--int8 also writes `model_int8.onnx`, ONNX Runtime's static quantization calibrated on training images of the run's
+dataset (tools/quantize.py), and adds to export.json (section "int8") and the screen both ONNX models' size, batch-1
+latency on this CPU and mIoU / fg_mIoU on the val split.
 """
 import argparse
 import json
@@ -18,10 +23,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from data import PRESETS  # noqa: E402
 from models.checkpoint import load_model, resolve_checkpoint, save_model  # noqa: E402
 from models.deploy import (  # noqa: E402
     ONNX_NAME, TORCHSCRIPT_NAME, SegLogits, check_parity, count_flops, count_params, export_onnx,
     export_torchscript, seg_only,
+)
+from tools.quantize import (  # noqa: E402
+    CALIBRATION_METHODS, INT8_NAME, export_int8, find_dataset, print_int8, require_onnxruntime,
 )
 
 IN_CHANNELS = 3
@@ -37,6 +46,13 @@ def parse_size(text: str) -> tuple[int, int]:
     if len(parts) not in (1, 2) or min(parts) < 1:
         raise argparse.ArgumentTypeError(f"size {text!r}: expected S or HxW with positive integers")
     return (parts[0], parts[-1])
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive integer")
+    return int(text)
 
 
 def parse_sizes(text: str) -> list[tuple[int, int]]:
@@ -86,11 +102,22 @@ def check_out(out: Path, source: Path) -> None:
         raise ValueError(f"--out {out} is a checkpoint or run folder; export to a folder of its own")
 
 
+def int8_settings(args: argparse.Namespace, source: Path) -> dict:
+    """What tools/quantize.export_int8 needs (but the check shapes), from the flags and the checkpoint's run."""
+    require_onnxruntime()
+    dataset, root = find_dataset(source, args.dataset, args.data_root)
+    return {"exporter": args.onnx_exporter, "tol": args.onnx_tol, "dataset": dataset,
+            "data_root": root, "calibration_images": args.calibration_images,
+            "calibration_method": args.calibration_method, "eval_images": args.eval_images,
+            "latency_size": args.latency_size, "latency_runs": args.latency_runs, "threads": args.latency_threads}
+
+
 def main(args: argparse.Namespace) -> None:
     """Load, report cost, write the three formats to a temporary folder, check parity, then publish."""
     source = resolve_checkpoint(args.checkpoint)
     out = Path(args.out).resolve()  # `--out .` has no name to derive the temporary folder's from
     check_out(out, source)
+    int8 = int8_settings(args, source) if args.int8 else None  # a missing onnxruntime or dataset: before any work
     full = load_model(source)
     slim = seg_only(full)
     print(f"checkpoint: {source} (tasks {'+'.join(full.tasks)}, encoder {full.config.encoder})")
@@ -110,6 +137,10 @@ def main(args: argparse.Namespace) -> None:
     report["parity"] = rows
     (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2))
     failed = [r for r in rows if not r["ok"]]
+    if args.int8 and not failed:
+        report["int8"] = export_int8(slim, tmp, {**int8, "check_shapes": shapes})
+        print_int8(report["int8"])
+        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2))
     if failed:
         worst = max(failed, key=lambda r: r["rel_diff"] - r["tol"])
         raise RuntimeError(
@@ -118,7 +149,8 @@ def main(args: argparse.Namespace) -> None:
             f"the files are left in {tmp} for inspection, {out} is unchanged"
         )
     publish(tmp, out)
-    print(f"exported to {out}: model.safetensors, config.json, {TORCHSCRIPT_NAME}, {ONNX_NAME}, {REPORT_NAME}")
+    print(f"exported to {out}: model.safetensors, config.json, {TORCHSCRIPT_NAME}, {ONNX_NAME}"
+          f"{', ' + INT8_NAME if args.int8 else ''}, {REPORT_NAME}")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -140,6 +172,27 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--onnx-exporter", default="dynamo", choices=("dynamo", "legacy"),
                         help="torch.onnx exporter: dynamo (torch.export based) or legacy (TorchScript based) "
                              "(default dynamo)")
+    int8 = parser.add_argument_group("int8 export (--int8; needs onnxruntime)")
+    int8.add_argument("--int8", action="store_true",
+                      help=f"also write {INT8_NAME} (static QDQ quantization, per-channel int8 weights) and report "
+                           "its size, latency and mIoU against model.onnx")
+    int8.add_argument("--calibration-images", default=300, type=positive_int, metavar="N",
+                      help="training images to calibrate on, spread over the split (default 300)")
+    int8.add_argument("--calibration-method", default="minmax", choices=CALIBRATION_METHODS,
+                      help="activation range calibration (default minmax; percentile measured no better)")
+    int8.add_argument("--dataset", default=None, choices=sorted(PRESETS),
+                      help="dataset preset to calibrate and score on (default: the run's, from its run_config.json)")
+    int8.add_argument("--data-root", default=None, metavar="DIR",
+                      help="dataset folder (default: the run's data_root, from its run_config.json)")
+    int8.add_argument("--eval-images", default=None, type=positive_int, metavar="N",
+                      help="score fp32 and int8 on the first N images of the val split (default: all)")
+    int8.add_argument("--latency-size", default=None, type=parse_size, metavar="S|HxW",
+                      help="input size of the latency measurement (default: the first val image's)")
+    int8.add_argument("--latency-runs", default=50, type=positive_int, metavar="N",
+                      help="timed batch-1 forwards per model, taken in turns after a warmup; the median is reported "
+                           "(default 50)")
+    int8.add_argument("--latency-threads", default=0, type=int, metavar="N",
+                      help="ONNX Runtime intra-op threads of the latency measurement (default 0: one per core)")
     return parser
 
 

@@ -1,0 +1,294 @@
+"""INT8 export (tools/export.py --int8): ONNX Runtime static quantization of the seg model, calibrated on training
+images, and what it costs and gains: file size, batch-1 latency on this CPU and mIoU, each fp32 vs int8.
+
+The int8 model is quantized from a graph made for it (`Int8Ready`): every BatchNorm folded into its convolution and
+the decoder's upsample + skip + 3x3 convolution as plain Resize, Concat and Conv, which ONNX Runtime runs as int8
+operations end to end. model.onnx keeps the decoder's folds (models/decoder.py), faster in fp32, but its
+ConvTranspose, MatMul and remaining BatchNorm quantized ran 2.3x slower than this graph (batch 1, 96x96, one thread).
+This graph's fp32 form is checked against the eager model before it is quantized, as model.onnx is.
+"""
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.fx.experimental.optimization import fuse
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from data import PRESETS, get_transform
+from models.decoder import crop
+from models.deploy import (
+    INPUT_NAME, ONNX_INT8_NAME, ONNX_NAME, PARITY_SEED, compare, export_onnx, onnx_session, run_onnx,
+)
+from models.model import MultiDecoderModel
+
+INT8_NAME = ONNX_INT8_NAME  # what evaluate.py and predict.py --backend onnx-int8 read
+INSTALL_HINT = "pip install onnxruntime (listed in requirements-dev.txt)"
+# entropy is left out: through quantize_static ORT fixes its histogram at 128 bins = 128 quantized bins, so the
+# threshold search has one candidate, the full range: the MinMax model, measured identical
+CALIBRATION_METHODS = ("minmax", "percentile")
+CALIB_CHUNK = 16  # calibration images whose activations are held at once
+LATENCY_WARMUP = 5
+
+
+def require_onnxruntime():
+    """onnxruntime and its quantization package, or an ImportError that says what to install."""
+    try:
+        import onnxruntime
+        import onnxruntime.quantization
+    except ImportError as exc:
+        raise ImportError(f"--int8 needs ONNX Runtime's quantization tools: {INSTALL_HINT}") from exc
+    return onnxruntime
+
+
+class FusedBlock(nn.Module):
+    """A DecoderBlock as smp computes it, BatchNorm folded: conv3x3(cat(up(x), skip)) + ReLU, conv3x3 + ReLU. At odd
+    sizes the skip is zero-extended to the 2x grid and the result cropped to its size: the block's own rule."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.conv1 = fuse_conv_bn_eval(block.conv1[0], block.conv1[1])
+        self.conv2 = fuse_conv_bn_eval(block.conv2[0], block.conv2[1])
+
+    def forward(self, x: Tensor, skip: Tensor | None, size: tuple[int, int]) -> Tensor:
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")  # (B, in, 2h, 2w)
+        if skip is not None:
+            skip = F.pad(skip, (0, x.shape[-1] - skip.shape[-1], 0, x.shape[-2] - skip.shape[-2]))
+            x = torch.cat([x, skip], 1)
+        x = crop(F.relu(self.conv1(x)), size)
+        return F.relu(self.conv2(x))
+
+
+class Int8Ready(nn.Module):
+    """The seg-only model as a graph that quantizes well: image (B, 3, H, W) -> logits (B, K, H, W), the same
+    function as models.deploy.SegLogits to float rounding, with no BatchNorm and no decoder fold."""
+
+    def __init__(self, model: MultiDecoderModel):
+        super().__init__()
+        model = copy.deepcopy(model).cpu().eval()
+        self.encoder = fuse(model.encoder)  # torch.fx: conv + BatchNorm pairs -> conv
+        self.blocks = nn.ModuleList(FusedBlock(b) for b in model.decoders["seg"].blocks)
+        self.head = model.heads["seg"]
+
+    def forward(self, image: Tensor) -> Tensor:
+        features = self.encoder(image)
+        x = features[-1]
+        skips = list(reversed(features[:-1])) + [None]
+        for block, skip in zip(self.blocks, skips):
+            x = block(x, skip, skip.shape[-2:] if skip is not None else image.shape[-2:])
+        return self.head(x)
+
+
+def check_int8_source(model: MultiDecoderModel, path: Path, shapes: list[tuple[int, ...]], tol: float) -> list[dict]:
+    """The fp32 graph to quantize vs the model's eager seg logits (compare's rows, backend "int8-source")."""
+    session = onnx_session(path)
+    gen = torch.Generator().manual_seed(PARITY_SEED)
+    rows = []
+    with torch.no_grad():
+        for shape in shapes:
+            x = torch.randn(shape, generator=gen)
+            rows.append(compare("int8-source", run_onnx(session, x), model(x, ("seg",))["seg"], tol))
+    return rows
+
+
+def find_dataset(source: Path, dataset: str | None, data_root: str | None) -> tuple[str, Path]:
+    """(preset name, data root) of the run the checkpoint comes from (its run_config.json, up to two folders above
+    the checkpoint), each overridden by the flag when given. A relative data root is read from the folder the run
+    was started in (the run folder minus its --output-dir), else from the current folder."""
+    found = [p / "run_config.json" for p in (source, *source.parents[:2]) if (p / "run_config.json").is_file()]
+    run = json.loads(found[0].read_text()) if found else {}
+    dataset = dataset or run.get("dataset")
+    if dataset not in PRESETS:
+        why = f"its dataset {dataset!r} is not a preset" if found else f"no run_config.json above {source}"
+        raise ValueError(f"--int8 calibrates on the run's dataset, but {why}: pass --dataset "
+                         f"{'|'.join(sorted(PRESETS))} (and --data-root)")
+    if data_root is not None:
+        return dataset, Path(data_root)
+    root = run.get("data_root") or PRESETS[dataset].data_root
+    if root is None:
+        raise ValueError(f"--dataset {dataset} has no default folder; pass --data-root")
+    candidates = [Path(root)]
+    out_dir = Path(run.get("output_dir") or "")
+    if found and not Path(root).is_absolute() and out_dir.parts and not out_dir.is_absolute():
+        run_dir = found[0].parent.resolve().parts
+        if run_dir[-len(out_dir.parts):] == out_dir.parts:
+            candidates.insert(0, Path(*run_dir[:-len(out_dir.parts)]) / root)
+    for path in candidates:
+        if path.exists():
+            return dataset, path
+    raise FileNotFoundError(f"the run's data root {root!r} is not at {' or '.join(map(str, candidates))}; "
+                            "pass --data-root")
+
+
+def open_split(dataset: str, root: Path, split: str):
+    """A split of the preset's dataset read with the validation transform (each image at its own size)."""
+    preset = PRESETS[dataset]
+    return preset.for_root(root).open(root, split, get_transform(False, 0, 0), check=False)
+
+
+def spread(total: int, n: int) -> list[int]:
+    """min(n, total) indices spread evenly over range(total): a calibration set drawn from the whole split."""
+    n = min(n, total)
+    return sorted({round(i * (total - 1) / max(n - 1, 1)) for i in range(n)})
+
+
+def chunk(n: int) -> int:
+    """The largest divisor of n up to CALIB_CHUNK: ONNX Runtime calibrates in chunks that divide the set exactly."""
+    return max(d for d in range(1, min(n, CALIB_CHUNK) + 1) if n % d == 0)
+
+
+def calibration_reader(split, n: int):
+    """An onnxruntime CalibrationDataReader of n images of the split, (1, 3, H, W) float32 one by one, read a chunk
+    at a time (set_range): calibration then holds one chunk's activations, not all n images' at once."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.indices = spread(len(split), n)
+            self.set_range(0, len(self.indices))
+
+        def __len__(self) -> int:
+            return len(self.indices)
+
+        def set_range(self, start_index: int, end_index: int) -> None:
+            self.pending = iter(self.indices[start_index:end_index])
+
+        def get_next(self) -> dict | None:
+            i = next(self.pending, None)
+            return None if i is None else {INPUT_NAME: split[i]["image"].as_subclass(Tensor)[None].numpy()}
+
+    return Reader()
+
+
+def quantize(src: Path, dst: Path, reader, method: str = "minmax") -> dict:
+    """Static QDQ quantization: uint8 activations (per tensor, asymmetric), int8 weights per output channel; the
+    settings, for the report. uint8 activations: on x86 ONNX Runtime's u8s8 kernels ran 2.2x faster than s8s8."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile}
+    # "CalibStridedMinMax" is ORT's name for chunked calibration; it serves every method (the calibrator's ranges or
+    # histograms merge across chunks). Not CalibMaxIntermediateOutputs: onnxruntime 1.32 drops those chunks unused.
+    quantize_static(str(src), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=methods[method],
+                    extra_options={"CalibStridedMinMax": chunk(len(reader))})
+    return {"format": "QDQ", "activations": "uint8, per tensor", "weights": "int8, per output channel",
+            "calibration_method": method, "quantized_ops": "all (every Conv, Add, Concat, Resize, MaxPool, ...)"}
+
+
+def latency(paths: dict[str, Path], size: tuple[int, int], runs: int, threads: int) -> dict:
+    """Batch-1 latency of each ONNX file on the CPU, in one process: sessions built alike, warmed up, then timed
+    in turns (one forward of each per round) so that load from elsewhere hits all alike; median and min in ms.
+    The thread pools do not spin between runs: the idle session's spinning threads would slow the busy one."""
+    ort = require_onnxruntime()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    sessions = {k: ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"]) for k, p in paths.items()}
+    x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(PARITY_SEED)).numpy()
+    times = {k: [] for k in sessions}
+    for i in range(LATENCY_WARMUP + runs):
+        for k, s in sessions.items():
+            start = time.perf_counter()
+            s.run(None, {INPUT_NAME: x})
+            if i >= LATENCY_WARMUP:
+                times[k].append(1e3 * (time.perf_counter() - start))
+    report = {"size": list(size), "batch": 1, "runs": runs, "warmup": LATENCY_WARMUP,
+              "intra_op_threads": threads or "onnxruntime default (one per core)"}
+    report.update({k: {"median_ms": statistics.median(t), "min_ms": min(t)} for k, t in times.items()})
+    return report
+
+
+@torch.no_grad()
+def agreement(fp32, int8, dataset) -> dict:
+    """How close the int8 logits are to the fp32 ones on the dataset's images: max and mean |diff| relative to the
+    fp32 logit scale (max |logit| of each image), and the fraction of pixels whose argmax agrees."""
+    rel_max, rel_mean, same, pixels = 0.0, 0.0, 0, 0
+    for i in range(len(dataset)):
+        x = dataset[i]["image"].as_subclass(Tensor)[None]
+        a, b = fp32(x)["seg"], int8(x)["seg"]
+        scale = a.abs().max().item()
+        rel_max = max(rel_max, (b - a).abs().max().item() / scale)
+        rel_mean += (b - a).abs().mean().item() / scale
+        same += (a.argmax(1) == b.argmax(1)).sum().item()
+        pixels += a[:, 0].numel()
+    return {"images": len(dataset), "max_abs_diff_rel": rel_max, "mean_abs_diff_rel": rel_mean / len(dataset),
+            "argmax_agreement": same / pixels}
+
+
+def scores(runs: dict, dataset, num_classes: int) -> dict:
+    """mIoU, fg_mIoU and pixel accuracy of each Predictor on the dataset through tools/evaluate.py's score (its
+    metric code and prediction rule), and the drops from fp32 to int8."""
+    from tools.evaluate import score
+
+    metrics = {}
+    for k, run in runs.items():
+        m, _ = score(run, dataset, num_classes)
+        metrics[k] = {key: m[key] for key in ("mIoU", "fg_mIoU", "pixel_acc")}
+    metrics.update(mIoU_drop=metrics["fp32"]["mIoU"] - metrics["int8"]["mIoU"],
+                   fg_mIoU_drop=metrics["fp32"]["fg_mIoU"] - metrics["int8"]["fg_mIoU"])
+    return metrics
+
+
+def calibrate(model: MultiDecoderModel, folder: Path, settings: dict) -> dict:
+    """Export the graph to quantize (checked against the model), quantize it into folder/model_int8.onnx; returns
+    the settings and the check, for the report."""
+    src = folder / ".int8_source.onnx"  # the fp32 graph quantized; not shipped
+    export_onnx(Int8Ready(model), src, settings["exporter"])
+    parity = check_int8_source(model, src, settings["check_shapes"], settings["tol"])
+    if not all(r["ok"] for r in parity):
+        worst = max(parity, key=lambda r: r["rel_diff"])
+        raise RuntimeError(f"the fp32 graph made for quantization differs from the model (relative diff "
+                           f"{worst['rel_diff']:.3e} at {worst['shape']} > {worst['tol']:.0e}); no int8 model written")
+    split = PRESETS[settings["dataset"]].train_split
+    train = open_split(settings["dataset"], settings["data_root"], split)
+    n = min(settings["calibration_images"], len(train))
+    start = time.perf_counter()
+    quant = quantize(src, folder / INT8_NAME, calibration_reader(train, n), settings["calibration_method"])
+    src.unlink()
+    return {**quant, "calibration_split": split, "calibration_images": n, "data_root": str(settings["data_root"]),
+            "seconds": time.perf_counter() - start, "source_parity": parity}
+
+
+def export_int8(model: MultiDecoderModel, folder: Path, settings: dict) -> dict:
+    """Write folder/model_int8.onnx beside folder/model.onnx and return the export.json section on both. settings:
+    exporter, check_shapes, tol, dataset, data_root, calibration_images, calibration_method, eval_images,
+    latency_size (None: the first eval image's), latency_runs, threads."""
+    from evaluation.inference import onnx_predictor
+    from tools.evaluate import get_dataset
+
+    quant = calibrate(model, folder, settings)
+    paths = {"fp32": folder / ONNX_NAME, "int8": folder / INT8_NAME}
+    split = PRESETS[settings["dataset"]].val_split
+    dataset, _, notes = get_dataset(settings["data_root"], split, model.config, settings["eval_images"],
+                                    dataset=settings["dataset"])
+    runs = {k: onnx_predictor(p) for k, p in paths.items()}
+    metrics = {"split": split, "images": len(dataset), **scores(runs, dataset, model.config.num_classes),
+               "notes": notes}
+    size = settings["latency_size"] or tuple(dataset[0]["image"].shape[-2:])
+    speed = latency(paths, size, settings["latency_runs"], settings["threads"])
+    speed["speedup"] = speed["fp32"]["median_ms"] / speed["int8"]["median_ms"]
+    sizes = {k: p.stat().st_size for k, p in paths.items()}
+    agree = agreement(runs["fp32"], runs["int8"], dataset)
+    return {"file": INT8_NAME, "quantization": quant, "size_bytes": {**sizes, "ratio": sizes["fp32"] / sizes["int8"]},
+            "latency": speed, "metrics": metrics, "agreement": agree}
+
+
+def print_int8(report: dict) -> None:
+    """The fp32 vs int8 table on screen."""
+    q, lat, m, a = report["quantization"], report["latency"], report["metrics"], report["agreement"]
+    print(f"int8: {q['format']}, {q['weights']} weights, {q['activations']} activations, {q['calibration_method']} "
+          f"calibration on {q['calibration_images']} {q['calibration_split']} images ({q['seconds']:.0f} s)")
+    size = "x".join(map(str, lat["size"]))
+    print(f"{'':6s}{'size MB':>10s}{'latency ms':>12s}{'mIoU':>9s}{'fg_mIoU':>9s}   "
+          f"(batch 1 at {size}, median of {lat['runs']}, threads: {lat['intra_op_threads']}; "
+          f"{m['split']}: {m['images']} images)")
+    for k in ("fp32", "int8"):
+        print(f"{k:6s}{report['size_bytes'][k] / 1e6:>10.1f}{lat[k]['median_ms']:>12.2f}"
+              f"{m[k]['mIoU']:>9.4f}{m[k]['fg_mIoU']:>9.4f}")
+    print(f"int8 vs fp32: {report['size_bytes']['ratio']:.2f}x smaller, {lat['speedup']:.2f}x faster, mIoU drop "
+          f"{m['mIoU_drop']:+.4f}, fg_mIoU drop {m['fg_mIoU_drop']:+.4f}; argmax agrees on "
+          f"{100 * a['argmax_agreement']:.2f}% of pixels, max |diff| {a['max_abs_diff_rel']:.3f} of the logit scale")
