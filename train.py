@@ -6,7 +6,6 @@
     python train.py --resume auto --output-dir runs/d_s_b            # continue a killed run
 """
 import argparse
-import ctypes
 import os
 import sys
 import time
@@ -30,6 +29,7 @@ from models import FocalLoss, ModelConfig, build_model, depth_loss
 from models.checkpoint import (CheckpointError, RunLog, TrainState, fault_point, find_resume, load_extra,
                                read_checkpoint, refuse_overwrite, save_checkpoint, write_json_atomic,
                                write_json_line)
+from models.speed import FOLD_CHOICES, apply_folds, keep_freed_memory, use_folds, use_keep_freed_memory
 from models.weighting import WEIGHTINGS, build_weighting, for_stage, trainable_params
 from schedules import SCHEDULES, copy_plan, get_schedule, lr_factor, schedule_tasks
 
@@ -210,17 +210,6 @@ def run_data_checks(args, preset) -> dict:
     return {"errors": errors}
 
 
-def keep_freed_memory() -> bool:
-    """glibc: serve big tensors from the heap and keep what a step frees for the next one, instead of returning it to
-    the OS and faulting in (and zeroing) fresh pages every step (CPU steps 10-20% faster: BENCHMARKS.md). Else a no-op."""
-    try:
-        libc = ctypes.CDLL("libc.so.6") if sys.platform == "linux" else None
-    except OSError:  # not glibc (musl)
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4  # malloc.h
-    return bool(libc and libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 2**31 - 1))
-
-
 def main(args):
     preset = PRESETS[args.dataset]
     args = preset.fill(args)
@@ -230,7 +219,8 @@ def main(args):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS needs it
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
-    if args.keep_freed_memory and (args.cpu or not torch.cuda.is_available()):
+    device_type = "cpu" if args.cpu or not torch.cuda.is_available() else "cuda"
+    if use_keep_freed_memory(device_type, args.keep_freed_memory):
         keep_freed_memory()
     accelerator = Accelerator(
         cpu=args.cpu or not torch.cuda.is_available(), mixed_precision=args.mixed_precision,
@@ -256,6 +246,7 @@ def main(args):
     config = ModelConfig(encoder=args.encoder, tasks=tasks, num_classes=preset.num_classes,
                          class_names=preset.class_names, palette=preset.palette)
     model = build_model(config, args.encoder_weights).to(memory_format=torch.channels_last)
+    apply_folds(model, use_folds(accelerator.device.type, args.folds))  # models/speed.py: where they are faster
     focal = FocalLoss(args.focal_gamma)
     run_config = {**vars(args), "data_root": str(root), "stages": [asdict(s) for s in stages], "model": asdict(config), "world_size": accelerator.num_processes}
 
@@ -370,6 +361,9 @@ def get_args_parser():
     p.add_argument("--mixed-precision", default=None, choices=["no", "fp16", "bf16"], help="default: accelerate launch's setting")
     p.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
     p.add_argument("--compile", action="store_true", help="torch.compile the model when prepared (slower on CPU: BENCHMARKS.md)")
+    p.add_argument("--folds", default="auto", choices=FOLD_CHOICES,
+                   help="decoder upsample folds (models/decoder.py; same function, a speed choice): auto = where measured "
+                        "faster, the CPU (models/speed.py, BENCHMARKS.md); on; off = smp's plain upsample + conv")
     p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
                    help="CPU, glibc: reuse freed memory instead of returning it to the OS (faster steps, RSS stays at its peak)")
     p.add_argument("--workers", type=int, default=2, help="data loading workers per process")

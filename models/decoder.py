@@ -1,4 +1,9 @@
-"""UNet decoder in the style of segmentation_models_pytorch: upsample, concatenate skip, two conv-BN-ReLU."""
+"""UNet decoder in the style of segmentation_models_pytorch: upsample, concatenate skip, two conv-BN-ReLU.
+
+Read top to bottom: the block and the decoder as smp computes them, then (section "Folds", below) an optional
+optimisation that computes the block's upsample + first convolution without the upsampled tensor: the same function
+and the same parameters. Whether a device uses it is decided in models/speed.py.
+"""
 from contextlib import contextmanager
 
 import torch
@@ -13,6 +18,98 @@ def conv_bn_relu(in_ch: int, out_ch: int) -> nn.Sequential:
         nn.BatchNorm2d(out_ch),
         nn.ReLU(inplace=True),
     )
+
+
+class DecoderBlock(nn.Module):
+    """Upsample 2x, concatenate the skip, two conv-BN-ReLU (smp's Unet block), for any input size.
+
+    The first convolution is computed by parts, conv3x3(cat(up(x), skip)) = conv3x3(up(x)) + conv3x3(skip): the same
+    function and parameters (`conv1`'s weight split by input channels) without the concatenated tensor (3-5% faster
+    for the first block on the CPU). At odd sizes the skip is one pixel short of the 2x grid: the block is smp's on
+    the 2x grid with the skip zero-extended, cropped to the skip's size, so every pixel keeps the encoder's alignment
+    (decoder pixel 2m+a comes from x's m).
+
+    `fold` says how conv3x3(up(x)) is computed: None, upsample then convolve, as smp does; "transposed" or "products",
+    folded into one operation on x itself (section "Folds" below; `upsample_conv`). `preferred_fold` is the fold this
+    block uses when folds are on: models.speed.apply_folds switches between it and None.
+    """
+
+    def __init__(self, in_ch: int, skip_ch: int, out_ch: int, fold: str | None = None):
+        super().__init__()
+        if fold not in FOLDS:
+            raise ValueError(f"fold must be one of {FOLDS}, got {fold!r}")
+        self.in_ch = in_ch
+        self.fold = self.preferred_fold = fold
+        self.conv1 = conv_bn_relu(in_ch + skip_ch, out_ch)
+        self.conv2 = conv_bn_relu(out_ch, out_ch)
+
+    def forward(self, x: Tensor, skip: Tensor | None, size: tuple[int, int]) -> Tensor:
+        conv, bn, relu = self.conv1
+        w_up, w_skip = conv.weight.split([self.in_ch, conv.in_channels - self.in_ch], dim=1)  # backward: one cat
+        y = crop(upsample_conv(x, w_up, self.fold), size)  # conv3x3(up(x)): (B, out_ch, 2h, 2w) cropped to `size`
+        if skip is not None:
+            y = y + F.conv2d(skip, w_skip, padding=1)  # + conv3x3(skip) = conv3x3(cat(up(x), skip))
+        return self.conv2(relu(bn(y)))
+
+
+def crop(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """Top-left crop (narrow, not slicing: exported graphs then know that the output is exactly `size`). Eagerly, a
+    tensor already of that size is returned as it is: narrow's backward would copy its gradient into a new tensor.
+    A traced or exported graph always crops, so that it holds for every input size."""
+    if torch.jit.is_tracing() or torch.compiler.is_compiling() or tuple(x.shape[-2:]) != tuple(size):
+        return x.narrow(-2, 0, size[0]).narrow(-1, 0, size[1])
+    return x
+
+
+class UnetDecoder(nn.Module):
+    """Five decoder blocks from stride 32 back to stride 1; channels derived from the encoder. Each block's preferred
+    fold (see DecoderBlock; on where models.speed.use_folds says so): the first by tap products, the others
+    transposed; built with the folds on."""
+
+    def __init__(self, encoder_channels: tuple[int, ...], decoder_channels: tuple[int, ...]):
+        super().__init__()
+        if len(decoder_channels) != len(encoder_channels):
+            raise ValueError(
+                f"decoder_channels has {len(decoder_channels)} entries, the encoder gives "
+                f"{len(encoder_channels)} feature maps; they must match"
+            )
+        # deepest feature first; the last block has no skip (it returns to full resolution)
+        skips = list(reversed(encoder_channels[:-1])) + [0]
+        ins = [encoder_channels[-1]] + list(decoder_channels[:-1])
+        folds = ["products"] + ["transposed"] * (len(ins) - 1)
+        self.blocks = nn.ModuleList(DecoderBlock(*c, fold=f) for *c, f in zip(ins, skips, decoder_channels, folds))
+        self.out_channels = decoder_channels[-1]
+
+    def forward(self, features: list[Tensor], size: tuple[int, int]) -> Tensor:
+        x = features[-1]
+        skips = list(reversed(features[:-1])) + [None]
+        for block, skip in zip(self.blocks, skips):
+            x = block(x, skip, skip.shape[-2:] if skip is not None else size)
+        return x  # (B, decoder_channels[-1], H, W)
+
+
+# ------------------------------------------------------------------------------------------------------------ Folds
+# An optimisation, not a different model. conv3x3(up(x)) (nearest 2x upsample, padding 1) is computed from x itself,
+# with no upsampled tensor and fewer multiply-adds; same function, same parameters (checkpoints, copy_decoder and
+# exports are the plain block's), outputs and gradients equal to float rounding (tests/test_models.py):
+# - "transposed": a stride-2 4x4 transposed convolution (`upsampled_kernel`), 16/36 of the multiply-adds, fastest on
+#   the CPU with few channels on a large grid (blocks 2-5);
+# - "products": one matmul giving the 9 tap products of every input pixel, summed per output phase (`product_conv`),
+#   9/36 of the multiply-adds, fastest on the CPU for many channels on a small grid (the first block: 2048 -> 256
+#   channels at stride 32), where the plain and transposed forms are slower.
+# Measured on a CPU only (BENCHMARKS.md, "The folded decoder"); models/speed.py turns them on per device.
+
+FOLDS = (None, "transposed", "products")
+
+
+def upsample_conv(x: Tensor, weight: Tensor, fold: str | None = None) -> Tensor:
+    """conv3x3(nearest 2x upsample of x), padding 1, no bias: the plain way (fold None) or by a fold, same result.
+    (B, in, h, w) -> (B, out, 2h, 2w)."""
+    if fold == "transposed":
+        return F.conv_transpose2d(x, upsampled_kernel(weight), stride=2, padding=1)
+    if fold == "products":
+        return product_conv(x, weight)
+    return F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, padding=1)
 
 
 def phase_taps(w0: Tensor, w1: Tensor, w2: Tensor) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
@@ -69,91 +166,11 @@ def product_conv(x: Tensor, weight: Tensor) -> Tensor:
     return z.contiguous(memory_format=torch.channels_last) if weight.stride(1) == 1 else z
 
 
-FOLDS = (None, "transposed", "products")
-
-
-class DecoderBlock(nn.Module):
-    """Upsample 2x, concatenate the skip, two conv-BN-ReLU (smp's Unet block), for any input size.
-
-    The first convolution is computed by parts, conv3x3(cat(up(x), skip)) = conv3x3(up(x)) + conv3x3(skip): the same
-    function and parameters without the concatenated tensor (3-5% faster for the first block on the CPU). At odd
-    sizes the skip is one pixel short of the 2x grid: the block is smp's on the 2x grid with the skip zero-extended,
-    cropped to the skip's size, so every pixel keeps the encoder's alignment (decoder pixel 2m+a comes from x's m).
-
-    `fold` folds the nearest 2x upsample into that convolution, computing conv3x3(up(x)) from x itself with no
-    upsampled tensor; same function, same parameters:
-    - "transposed": a stride-2 4x4 transposed convolution (`upsampled_kernel`), 16/36 of the multiply-adds, fastest
-      with few channels on a large grid (blocks 2-5);
-    - "products": one matmul giving the 9 tap products of every input pixel, summed per output phase
-      (`product_conv`), 9/36 of the multiply-adds, fastest for many channels on a small grid (the first block:
-      2048 -> 256 channels at stride 32), where the plain and transposed forms are slower;
-    - None: upsample, then the 3x3 convolution, as smp does.
-    Measurements: BENCHMARKS.md.
-    """
-
-    def __init__(self, in_ch: int, skip_ch: int, out_ch: int, fold: str | None = None):
-        super().__init__()
-        if fold not in FOLDS:
-            raise ValueError(f"fold must be one of {FOLDS}, got {fold!r}")
-        self.in_ch = in_ch
-        self.fold = fold
-        self.conv1 = conv_bn_relu(in_ch + skip_ch, out_ch)
-        self.conv2 = conv_bn_relu(out_ch, out_ch)
-
-    def forward(self, x: Tensor, skip: Tensor | None, size: tuple[int, int]) -> Tensor:
-        conv, bn, relu = self.conv1
-        w_up, w_skip = conv.weight.split([self.in_ch, conv.in_channels - self.in_ch], dim=1)  # backward: one cat
-        if self.fold == "transposed":
-            y = F.conv_transpose2d(x, upsampled_kernel(w_up), stride=2, padding=1)
-        elif self.fold == "products":
-            y = product_conv(x, w_up)
-        else:
-            y = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), w_up, padding=1)
-        y = crop(y, size)
-        if skip is not None:
-            y = y + F.conv2d(skip, w_skip, padding=1)
-        return self.conv2(relu(bn(y)))
-
-
-def crop(x: Tensor, size: tuple[int, int]) -> Tensor:
-    """Top-left crop (narrow, not slicing: exported graphs then know that the output is exactly `size`). Eagerly, a
-    tensor already of that size is returned as it is: narrow's backward would copy its gradient into a new tensor.
-    A traced or exported graph always crops, so that it holds for every input size."""
-    if torch.jit.is_tracing() or torch.compiler.is_compiling() or tuple(x.shape[-2:]) != tuple(size):
-        return x.narrow(-2, 0, size[0]).narrow(-1, 0, size[1])
-    return x
-
-
-class UnetDecoder(nn.Module):
-    """Five decoder blocks from stride 32 back to stride 1; channels derived from the encoder. Every block folds its
-    upsample into its first convolution (see DecoderBlock): the first by tap products, the others transposed."""
-
-    def __init__(self, encoder_channels: tuple[int, ...], decoder_channels: tuple[int, ...]):
-        super().__init__()
-        if len(decoder_channels) != len(encoder_channels):
-            raise ValueError(
-                f"decoder_channels has {len(decoder_channels)} entries, the encoder gives "
-                f"{len(encoder_channels)} feature maps; they must match"
-            )
-        # deepest feature first; the last block has no skip (it returns to full resolution)
-        skips = list(reversed(encoder_channels[:-1])) + [0]
-        ins = [encoder_channels[-1]] + list(decoder_channels[:-1])
-        folds = ["products"] + ["transposed"] * (len(ins) - 1)
-        self.blocks = nn.ModuleList(DecoderBlock(*c, fold=f) for *c, f in zip(ins, skips, decoder_channels, folds))
-        self.out_channels = decoder_channels[-1]
-
-    def forward(self, features: list[Tensor], size: tuple[int, int]) -> Tensor:
-        x = features[-1]
-        skips = list(reversed(features[:-1])) + [None]
-        for block, skip in zip(self.blocks, skips):
-            x = block(x, skip, skip.shape[-2:] if skip is not None else size)
-        return x  # (B, decoder_channels[-1], H, W)
-
-
 @contextmanager
 def unfolded(model: nn.Module):
     """Inside, no DecoderBlock of `model` folds: each upsamples and runs the 3x3 convolution as smp's Unet does (the
-    same function and FLOPs). models.deploy.forward_flops counts the network's FLOPs this way."""
+    same function and FLOPs); on leaving, each block's fold is what it was. models.deploy.forward_flops counts the
+    network's FLOPs this way."""
     blocks = [m for m in model.modules() if isinstance(m, DecoderBlock)]
     saved = [b.fold for b in blocks]
     try:

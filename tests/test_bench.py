@@ -1,4 +1,5 @@
-"""tools/bench.py at tiny sizes: FLOP counts, case building, interleaving, targets, the report's structure (never timings)."""
+"""tools/bench.py (tools/benchmarks/) at tiny sizes: FLOP counts, case building, interleaving, what the default run and
+the full sweep cover, targets, the report's structure and its progress bar (never timings)."""
 import dataclasses
 import json
 
@@ -8,7 +9,10 @@ from torch import nn
 
 from models import ModelConfig, build_model
 from models.decoder import DecoderBlock
+from models.deploy import forward_flops
 from tools import bench
+from tools.benchmarks import inference, loading, memory, report, timing, training
+from tools.benchmarks.peer import SmpWithDepth, peer_focal_loss
 
 
 def conv_flops(model: nn.Module, x: torch.Tensor, **kwargs) -> int:
@@ -34,11 +38,11 @@ def conv_flops(model: nn.Module, x: torch.Tensor, **kwargs) -> int:
 def test_forward_flops_equal_an_independent_conv_count():
     model = build_model(ModelConfig(encoder="resnet18")).eval()
     x = torch.randn(2, 3, 64, 96)
-    seg, joint = (bench.forward_flops(model, x, tasks=t) for t in (("seg",), ("seg", "depth")))
+    seg, joint = (forward_flops(model, x, tasks=t) for t in (("seg",), ("seg", "depth")))
     assert seg == conv_flops(model, x, tasks=("seg",)) > 0
     assert joint == conv_flops(model, x, tasks=("seg", "depth"))
     head_diff = 2 * 2 * 64 * 96 * 16 * 9 * (21 - 1)  # the depth head has 1 output channel, the seg head 21
-    assert joint - seg == seg - head_diff - bench.forward_flops(model.encoder, x)  # depth decoder = seg decoder, smaller head
+    assert joint - seg == seg - head_diff - forward_flops(model.encoder, x)  # depth decoder = seg decoder, smaller head
 
 
 def test_executed_flops_are_the_folded_decoders():
@@ -50,7 +54,7 @@ def test_executed_flops_are_the_folded_decoders():
     saved, sizes = 0, []
     for block in model.decoders["seg"].blocks:
         block.register_forward_hook(lambda b, args, out: sizes.append((b, args[0].shape)))
-    bench.forward_flops(model, x, executed=True, tasks=("seg",))
+    forward_flops(model, x, executed=True, tasks=("seg",))
     for block, (*_, h, w) in sizes:
         pairs = block.in_ch * block.conv1[0].out_channels
         if block.fold == "transposed":
@@ -58,7 +62,7 @@ def test_executed_flops_are_the_folded_decoders():
         elif block.fold == "products":
             saved += 2 * h * w * pairs * (4 * 9 - 9)
     assert [b.fold for b, _ in sizes] == ["products"] + ["transposed"] * 4 and saved > 0
-    executed, nominal = (bench.forward_flops(model, x, executed=e, tasks=("seg",)) for e in (True, False))
+    executed, nominal = (forward_flops(model, x, executed=e, tasks=("seg",)) for e in (True, False))
     assert executed == nominal - saved
     assert [b.fold for b in model.decoders["seg"].blocks] == ["products"] + ["transposed"] * 4  # restored
 
@@ -68,9 +72,9 @@ def test_our_seg_model_costs_what_smps_unet_costs():
     ours = build_model(ModelConfig(encoder="resnet18", tasks=("seg",))).eval()
     peer = smp.Unet("resnet18", encoder_weights=None, classes=21).eval()
     x = torch.randn(1, 3, 64, 64)
-    assert bench.forward_flops(ours, x) == bench.forward_flops(peer, x) == conv_flops(peer, x)
+    assert forward_flops(ours, x) == forward_flops(peer, x) == conv_flops(peer, x)
     both = build_model(ModelConfig(encoder="resnet18")).eval()  # and the both stage: a second decoder, a 1-channel head
-    assert bench.forward_flops(both, x, tasks=("seg", "depth")) == bench.forward_flops(bench.SmpWithDepth(peer), x)
+    assert forward_flops(both, x, tasks=("seg", "depth")) == forward_flops(SmpWithDepth(peer), x)
 
 
 def test_the_peers_loss_is_our_focal_loss():
@@ -79,17 +83,17 @@ def test_the_peers_loss_is_our_focal_loss():
     logits = torch.randn(2, 21, 16, 24, dtype=torch.float64)
     target = torch.randint(0, 21, (2, 16, 24))
     target[:, :3] = 255
-    assert torch.allclose(bench.peer_focal_loss(logits, target), FocalLoss()(logits, target), rtol=1e-6)
+    assert torch.allclose(peer_focal_loss(logits, target), FocalLoss()(logits, target), rtol=1e-6)
 
 
 @pytest.mark.parametrize("peer, task", [("ours", "both"), ("smp", "seg"), ("smp", "both")])
 def test_train_case_runs_the_step_and_counts_three_forwards(peer, task, fresh_accelerate):
     if peer == "smp":
         pytest.importorskip("segmentation_models_pytorch")
-    spec = bench.TrainSpec(peer, task, "bf16", "CL", 2, 64, "resnet18")
-    accelerator = bench.fresh_accelerator("bf16", torch.device("cpu")) if peer == "ours" else None
+    spec = training.TrainSpec(peer, task, "bf16", "CL", 2, 64, "resnet18")
+    accelerator = timing.fresh_accelerator("bf16", torch.device("cpu")) if peer == "ours" else None
     cache = {}
-    case = bench.build_train_case(spec, torch.device("cpu"), accelerator, cache)
+    case = training.build_train_case(spec, torch.device("cpu"), accelerator, cache)
     model, _ = cache[dataclasses.replace(spec, batch=0, side=0)]
     seen = []
     conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
@@ -106,22 +110,22 @@ def test_train_case_runs_the_step_and_counts_three_forwards(peer, task, fresh_ac
     executed, nominal = case.meta["executed_forward_flops_per_image"], case.meta["forward_flops_per_image"]
     assert 0 < executed < nominal if peer == "ours" else executed == nominal  # only our decoder folds its upsamples
     unwrapped = getattr(model, "module", model)
-    tasks = {"tasks": bench.STAGES["both"].tasks} if peer == "ours" else {}
-    assert case.meta["forward_flops_per_image"] * 2 == conv_flops(unwrapped, bench.make_batch(2, 64, "cpu")["image"], **tasks)
+    tasks = {"tasks": training.STAGES["both"].tasks} if peer == "ours" else {}
+    assert case.meta["forward_flops_per_image"] * 2 == conv_flops(unwrapped, timing.make_batch(2, 64, "cpu")["image"], **tasks)
 
 
 def test_run_interleaved_warms_up_then_goes_round_robin():
     calls = []
-    cases = [bench.Case(name, (lambda name=name: calls.append(name)), 1, 1.0) for name in "abc"]
-    settings = bench.Settings(warmup=2, steps=6, rounds=3)
-    bench.run_interleaved(cases, settings, torch.device("cpu"))
+    cases = [timing.Case(name, (lambda name=name: calls.append(name)), 1, 1.0) for name in "abc"]
+    settings = timing.Settings(warmup=2, steps=6, rounds=3)
+    timing.run_interleaved(cases, settings, torch.device("cpu"))
     # warm-up a, b, c in order; then 3 rounds of 2 steps each, every round a (seeded) permutation of the cases
     assert calls[:6] == list("aabbcc")
     rounds = ["".join(calls[6 + 6 * r: 12 + 6 * r: 2]) for r in range(3)]
     assert calls[6:] == [c for order in rounds for c in order for _ in range(2)]
     assert all(sorted(order) == list("abc") for order in rounds)
-    assert rounds == ["".join(c.name for c in bench.round_order(cases, r)) for r in range(3)]
-    assert len({bench.round_order(cases, r)[0].name for r in range(20)}) == 3  # every case gets to run first
+    assert rounds == ["".join(c.name for c in timing.round_order(cases, r)) for r in range(3)]
+    assert len({timing.round_order(cases, r)[0].name for r in range(20)}) == 3  # every case gets to run first
     assert all(len(c.times) == 6 and all(t >= 0 for t in c.times) for c in cases)
     row = cases[0].row()
     assert row["steps_timed"] == 6 and row["images_per_s"] == 1 / row["median_s"]
@@ -130,22 +134,25 @@ def test_run_interleaved_warms_up_then_goes_round_robin():
 
 def fake_report() -> dict:
     train = []
-    for peer, task, precision, layout, fused, ips in [
-            ("ours", "seg", "fp32", "CL", True, 5.0), ("ours", "both", "fp32", "CL", True, 4.0),
-            ("ours", "seg", "bf16", "CL", False, 1.0),  # an ablation row: never a target's
-            ("ours", "seg", "bf16", "CL", True, 8.0), ("ours", "both", "bf16", "CL", True, 5.0),
-            ("smp", "seg", "fp32", "NCHW", True, 4.0), ("smp", "seg", "bf16", "CL", True, 8.5)]:
+    for peer, task, precision, layout, fused, fold, ips in [
+            ("ours", "seg", "fp32", "CL", True, "auto", 5.0), ("ours", "both", "fp32", "CL", True, "auto", 4.0),
+            ("ours", "seg", "bf16", "CL", False, "auto", 1.0),  # an ablation row: never a target's
+            ("ours", "seg", "bf16", "CL", True, "auto", 8.0), ("ours", "both", "bf16", "CL", True, "auto", 5.0),
+            ("ours", "seg", "bf16", "CL", True, "off", 6.4),  # the folds' ablation: a ratio of its own, no target
+            ("smp", "seg", "fp32", "NCHW", True, "auto", 4.0), ("smp", "seg", "bf16", "CL", True, "auto", 8.5)]:
         train.append({"peer": peer, "task": task, "precision": precision, "layout": layout, "batch": 4, "side": 256,
-                      "compile": False, "fused_adam": fused, "keep_memory": True, "fold": True, "images_per_s": ips, "flops_per_s": 100.0 * ips})
+                      "compile": False, "fused_adam": fused, "keep_memory": True, "fold": fold, "folds_on": fold == "auto",
+                      "images_per_s": ips, "median_s": 4 / ips, "flops_per_s": 100.0 * ips})
     peaks = [{"kind": "mm", "precision": p, "flops_per_s": v} for p, v in (("fp32", 500.0), ("bf16", 1000.0))]
-    infer = [{"model": m, "precision": p, "batch": 1, "median_s": t} for m, t in (("exported seg-only", 1.02), ("single-decoder", 1.0))
-             for p in ("fp32", "bf16")]
+    infer = [{"model": m, "precision": p, "batch": 1, "side": 512, "median_s": t, "folds_on": on}
+             for m, t, on in (("exported seg-only", 1.02, True), ("single-decoder", 1.0, True),
+                              ("single-decoder --folds off", 1.1, False)) for p in ("fp32", "bf16")]
     data = [{"kind": "loader", "batch": 4, "side": 256, "images_per_s": 14.0}]
     return {"train": train, "peaks": peaks, "inference": infer, "data": data, "default_precision": "fp32"}
 
 
 def test_targets_are_the_issues_ratios():
-    got = {t["target"]: (t["value"], t["met"]) for t in bench.targets(fake_report())}
+    got = {t["target"]: (t["value"], t["met"]) for t in report.targets(fake_report())}
     assert got["4x256 seg-only step, default (fp32) / smp fp32 NCHW"] == (5.0 / 4.0, True)
     assert got["4x256 seg-only step, bf16 / smp channels_last + bf16"] == (8.0 / 8.5, False)
     assert got["4x256 both-stage step time / seg-only, fp32"] == (5.0 / 4.0, True)
@@ -156,9 +163,57 @@ def test_targets_are_the_issues_ratios():
     assert len(got) == 8
 
 
+def test_targets_of_a_run_with_one_precision_leave_the_others_out():
+    """tools/gpu_check.py runs bf16 only: no fp32 rows, so no target that needs one (train.py's default is fp32)."""
+    fake = fake_report()
+    fake["train"] = [r for r in fake["train"] if r["precision"] == "bf16"]
+    fake["inference"] = [r for r in fake["inference"] if r["precision"] == "bf16"]
+    got = {t["target"] for t in report.targets(fake)}
+    assert got == {"4x256 seg-only step, bf16 / smp channels_last + bf16", "4x256 both-stage step time / seg-only, bf16",
+                   "4x256 training FLOP/s bf16 / torch.mm bf16", "exported / single-decoder latency, batch 1 bf16"}
+    assert [r["precision"] for r in report.second_decoder(fake["train"])] == ["bf16"]
+
+
+def test_fold_gains_are_off_over_on_of_the_same_case():
+    got = {(g["case"], g["precision"]): g["off_over_on"] for g in report.fold_gains(fake_report())}
+    assert got == {("training step, seg-only 4x256", "bf16"): pytest.approx(8.0 / 6.4),
+                   ("inference, single-decoder 1x512", "fp32"): pytest.approx(1.1),
+                   ("inference, single-decoder 1x512", "bf16"): pytest.approx(1.1)}
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_the_default_run_covers_the_targets_and_both_fold_settings(device):
+    """The default run is a subset of the full sweep: one shape, ours at train.py's defaults and with the other
+    --folds (the per-device choice, models.speed), smp's default and fastest; the full sweep adds 2x512 and the
+    ablations (the allocator one on the CPU only, where train.py applies it)."""
+    default, full = ({s.name for p in ("fp32", "bf16") for s in training.train_specs(cfg, p, True, False, device)}
+                     for cfg in (timing.DEFAULT, timing.FULL))
+    other = "off" if device == "cpu" else "on"
+    assert default == {f"{who} 4x256 {p} CL{extra}" for who in ("ours seg-only", "ours both")
+                       for p in ("fp32", "bf16") for extra in ("", f" --folds {other}")} | {
+        "smp Unet(resnet50) 4x256 fp32 NCHW", "smp Unet(resnet50) + 2nd decoder 4x256 fp32 NCHW",
+        "smp Unet(resnet50) 4x256 bf16 CL", "smp Unet(resnet50) + 2nd decoder 4x256 bf16 CL"}
+    assert default < full and {s.split()[-1] for s in full - default} >= {"--no-fused-adam", "CL"}
+    assert any("2x512" in s for s in full) and any("--no-keep-freed-memory" in s for s in full) == (device == "cpu")
+    assert timing.DEFAULT.infer_batches == (1,) and timing.FULL.infer_batches == (1, 8)
+    for field in ("warmup", "steps", "rounds", "infer_reps"):  # the same repetitions: ratios comparable across the two
+        assert getattr(timing.DEFAULT, field) == getattr(timing.FULL, field)
+
+
+def test_flags_pick_the_settings():
+    parse = bench.get_args_parser().parse_args
+    assert bench.settings_of(parse([])) == timing.DEFAULT and bench.settings_of(parse(["--full"])) == timing.FULL
+    assert bench.settings_of(parse(["--quick"])) == timing.QUICK
+    got = bench.settings_of(parse(["--precision", "bf16", "--train-shapes", "16x256,8x512", "--infer-batches", "1,8"]))
+    assert got == dataclasses.replace(timing.DEFAULT, precisions=("bf16",), train_shapes=((16, 256), (8, 512)),
+                                      infer_batches=(1, 8))
+    with pytest.raises(SystemExit):
+        parse(["--precision", "fp16"])
+
+
 def test_peak_memory_of_a_fresh_process_holds_the_optimizer_state():
-    spec = bench.TrainSpec("ours", "seg", "fp32", "CL", 1, 64, "resnet18")
-    peak, peak_again = bench.peak_memory([spec, spec], torch.device("cpu"))
+    spec = training.TrainSpec("ours", "seg", "fp32", "CL", 1, 64, "resnet18")
+    peak, peak_again = memory.peak_memory([spec, spec], torch.device("cpu"))
     model = build_model(ModelConfig(encoder="resnet18"))
     model.set_trainable(("seg",))
     trainable_mib = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad) / 2**20
@@ -166,37 +221,51 @@ def test_peak_memory_of_a_fresh_process_holds_the_optimizer_state():
     assert abs(peak - peak_again) < 0.2 * peak  # two processes side by side measure the same
 
 
-def test_quick_run_reports_every_row(tiny_voc, tmp_path, fresh_accelerate, capsys):
+def test_quick_full_run_reports_every_row_and_the_bar_counts_every_step(tiny_voc, tmp_path, fresh_accelerate, capsys):
     out = tmp_path / "bench.json"
-    args = bench.get_args_parser().parse_args(["--quick", "--no-memory", "--data-root", str(tiny_voc), "--json", str(out)])
+    args = bench.get_args_parser().parse_args(["--quick", "--full", "--no-memory", "--data-root", str(tiny_voc),
+                                               "--json", str(out)])
     bench.main(args)
-    report = json.loads(out.read_text())
-    names = [r["name"] for r in report["train"]]
+    rep = json.loads(out.read_text())
+    names = [r["name"] for r in rep["train"]]
     expected = {f"ours {t} 2x64 {p} CL" for t in ("seg-only", "both") for p in ("fp32", "bf16")}
     expected |= {f"ours seg-only 2x64 {p} CL --no-{flag}" for p in ("fp32", "bf16") for flag in ("fused-adam", "keep-freed-memory")}
-    expected |= {f"ours {t} 2x64 {p} CL unfolded decoder" for t in ("seg-only", "both") for p in ("fp32", "bf16")}
-    expected |= {"smp Unet(resnet18) 2x64 fp32 NCHW", "smp Unet(resnet18) 2x64 fp32 CL", "smp Unet(resnet18) 2x64 bf16 CL"}
-    expected |= {"smp Unet(resnet18) + 2nd decoder 2x64 fp32 NCHW", "smp Unet(resnet18) + 2nd decoder 2x64 bf16 CL"}
+    expected |= {f"ours {t} 2x64 {p} CL --folds off" for t in ("seg-only", "both") for p in ("fp32", "bf16")}
+    with_smp = "segmentation_models_pytorch" in rep["machine"]
+    if with_smp:
+        expected |= {"smp Unet(resnet18) 2x64 fp32 NCHW", "smp Unet(resnet18) 2x64 fp32 CL", "smp Unet(resnet18) 2x64 bf16 CL"}
+        expected |= {"smp Unet(resnet18) + 2nd decoder 2x64 fp32 NCHW", "smp Unet(resnet18) + 2nd decoder 2x64 bf16 CL"}
     assert expected == set(names)
-    for row in report["train"]:
-        assert row["images_per_s"] > 0 and row["steps_timed"] == bench.QUICK.steps
+    settings = timing.QUICK_FULL
+    for row in rep["train"]:
+        assert row["images_per_s"] > 0 and row["steps_timed"] == settings.steps
         assert row["flops_per_step"] == 3 * row["batch"] * row["forward_flops_per_image"]
-    seg = {r["precision"]: r["forward_flops_per_image"] for r in report["train"] if r["name"].startswith("ours seg-only")}
+        assert row["folds_on"] == (row["peer"] == "ours" and row["fold"] == "auto")  # the CPU folds by default
+    seg = {r["precision"]: r["forward_flops_per_image"] for r in rep["train"] if r["name"].startswith("ours seg-only")}
     assert seg["fp32"] == seg["bf16"] > 0
-    assert {r["kind"] for r in report["peaks"]} == {"mm", "conv"}
-    mm = next(r for r in report["peaks"] if r["kind"] == "mm")
-    assert mm["flops_per_step"] == 2 * bench.QUICK.mm_side**3
-    models = {r["model"] for r in report["inference"]}
-    assert {"exported seg-only", "single-decoder"} <= models
-    assert len(report["inference"]) == len(models) * 2 * len(bench.QUICK.infer_batches)
-    assert all(r["steps_timed"] == (3 if r["batch"] == 1 else 1) * bench.QUICK.infer_reps for r in report["inference"])
-    assert [d["kind"] for d in report["data"]] == ["loader", "end-to-end"] and all(d["images_per_s"] > 0 for d in report["data"])
-    assert report["data"][0]["with_depth"] is True  # the synthetic set has pseudo depth: the heavier loader
-    assert report["targets"] and all(isinstance(t["met"], bool) for t in report["targets"])
-    ips = {r["name"]: r["images_per_s"] for r in report["train"]}
-    assert report["second_decoder"] == [
-        {"shape": "2x64", "precision": p, "ours": ips[f"ours seg-only 2x64 {p} CL"] / ips[f"ours both 2x64 {p} CL"],
-         "smp": ips[f"smp Unet(resnet18) 2x64 {p} {lay}"] / ips[f"smp Unet(resnet18) + 2nd decoder 2x64 {p} {lay}"]}
-        for p, lay in (("fp32", "NCHW"), ("bf16", "CL"))]
-    printed = capsys.readouterr().out
-    assert "| target | measured | goal | met |" in printed and "| shape | precision | ours | smp |" in printed
+    assert {r["kind"] for r in rep["peaks"]} == {"mm", "conv"}
+    mm = next(r for r in rep["peaks"] if r["kind"] == "mm")
+    assert mm["flops_per_step"] == 2 * settings.mm_side**3
+    models = {r["model"] for r in rep["inference"]}
+    assert {"exported seg-only", "single-decoder", "single-decoder --folds off"} <= models and len(models) == 3 + with_smp
+    assert len(rep["inference"]) == len(models) * 2 * len(settings.infer_batches)
+    assert all(r["steps_timed"] == (3 if r["batch"] == 1 else 1) * settings.infer_reps for r in rep["inference"])
+    assert [d["kind"] for d in rep["data"]] == ["loader", "end-to-end"] and all(d["images_per_s"] > 0 for d in rep["data"])
+    assert rep["data"][0]["with_depth"] is True  # the synthetic set has pseudo depth: the heavier loader
+    assert rep["targets"] and all(isinstance(t["met"], bool) for t in rep["targets"])
+    ips = {r["name"]: r["images_per_s"] for r in rep["train"]}
+    assert [r["ours"] for r in rep["second_decoder"]] == [ips[f"ours seg-only 2x64 {p} CL"] / ips[f"ours both 2x64 {p} CL"]
+                                                          for p in ("fp32", "bf16")]
+    if with_smp:
+        assert [r["smp"] for r in rep["second_decoder"]] == [
+            ips[f"smp Unet(resnet18) 2x64 {p} {lay}"] / ips[f"smp Unet(resnet18) + 2nd decoder 2x64 {p} {lay}"]
+            for p, lay in (("fp32", "NCHW"), ("bf16", "CL"))]
+    assert len(rep["folds"]) == 2 * 2 + 2 * len(settings.infer_batches)  # 2 stages x 2 precisions; inference
+    printed = capsys.readouterr()
+    assert "| target | measured | goal | met |" in printed.out and "| shape | precision | ours | smp |" in printed.out
+    assert "| case | precision | off / on |" in printed.out
+    total = (training.planned_steps(settings, with_smp, False, "cpu") + inference.planned_steps(settings, with_smp)
+             + loading.planned_steps(settings))
+    assert f"{total}/{total}" in printed.err and f"{total + 1}/" not in printed.err  # the bar ends at its total
+    for what in ("training fp32: round 1/1", "training bf16: warm-up", "inference batch 2x64", "data loading (voc)"):
+        assert what in printed.err

@@ -128,3 +128,18 @@ def test_missing_pseudo_depth_fails_before_the_first_step(tiny_voc, tmp_path, fr
     assert "5 of 16" in msg and ids[0] in msg and f"python tools/make_depth.py --data-root {root} --split train" in msg
     assert not (out / "checkpoints").exists() and not (out / "log.jsonl").exists()
     train.main(parse(root, tmp_path / "seg_only", "--schedule", "s"))  # a seg-only schedule needs no depth
+
+
+def test_folds_flag_reaches_the_decoder(tiny_voc, tmp_path, fresh_accelerate, monkeypatch):
+    from models.decoder import DecoderBlock
+
+    seen, real = [], train.apply_folds
+
+    def spy(model, on):
+        real(model, on)
+        seen.append({b.fold for b in model.modules() if isinstance(b, DecoderBlock)})
+
+    monkeypatch.setattr(train, "apply_folds", spy)
+    train.main(parse(tiny_voc, tmp_path / "run", "--schedule", "s", "--folds", "off", "--stage-epochs", "1"))
+    assert seen == [{None}]  # smp's plain upsample + conv in every block
+    assert json.loads((tmp_path / "run" / "run_config.json").read_text())["folds"] == "off"

@@ -1,0 +1,50 @@
+"""tools/gpu_check.py: on a GPU it runs what BENCHMARKS.md asks for within 8 minutes; here it runs as a user would
+check it, `--device cpu --quick`, and writes one results file with the bench's tables and the training's epochs."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import train
+from tools import gpu_check
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_the_gpu_commands_are_the_ones_benchmarks_md_asks_for():
+    args = gpu_check.get_args_parser().parse_args([])
+    bench = gpu_check.bench_command(args, Path("out"))
+    assert bench[1:9] == ["tools/bench.py", "--device", "cuda", "--precision", "bf16", "--train-shapes", "16x256,8x512",
+                          "--infer-batches"]
+    run = gpu_check.train_command(args, Path("run"), None, with_folds=True)
+    i = run.index("train.py")
+    assert run[:i] == [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+                       "--mixed_precision", "bf16", "--dynamo_backend", "no"]
+    assert run[i:] == ["train.py", "--schedule", "d_s_b", "--copy-weights", "--mixed-precision", "bf16", "--output-dir",
+                       "run", "--folds", "off"]  # the preset's default run: synthetic set, 3 epochs a stage
+    assert "--folds" not in gpu_check.train_command(args, Path("run"), None, with_folds=False)
+    assert args.bench_timeout + args.train_timeout <= 7.5 * 60  # the whole check within 8 minutes
+
+
+def test_cpu_quick_run_writes_the_results_file(tmp_path):
+    out = tmp_path / "gpu_check"
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "gpu_check.py"), "--device", "cpu", "--quick",
+                           "--out", str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = (out / "results.md").read_text()
+    assert results.count("exit code 0") == 2 and "stopped at the time limit" not in results
+    for table in ("| case | img/s | ms/step |", "| target | measured | goal | met |", "| case | precision | off / on |",
+                  "| stage | epoch | steps | done at s | train loss | val mIoU | val fg_mIoU | pixel acc |"):
+        assert table in results
+    command = next(line for line in results.splitlines() if line.startswith("`train.py"))
+    assert command.startswith("`train.py --schedule d_s_b --copy-weights --mixed-precision bf16")
+    has_folds = "--folds" in train.get_args_parser()._option_string_actions
+    assert ("--folds off" in command) == has_folds  # passed once train.py has the flag
+    epochs = [line for line in results.splitlines() if line.startswith(("| 0 (d)", "| 1 (s)", "| 2 (b)"))]
+    assert len(epochs) == 3 and "Final: mIoU" in results
+    done_at = [float(line.split(" | ")[3]) for line in epochs]
+    assert done_at == sorted(set(done_at)) and done_at[-1] < 600  # seconds since the start, one time per epoch
+    rows = json.loads((out / "bench.json").read_text())["train"]
+    assert {r["precision"] for r in rows} == {"bf16"}
+    assert {r["fold"] for r in rows if r["peer"] == "ours"} == {"auto", "off"}  # the CPU folds by default
+    assert results == proc.stdout[proc.stdout.index("# GPU check"):]  # also printed, for the device tool's output

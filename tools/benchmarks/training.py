@@ -1,0 +1,219 @@
+"""Training-step speed: the project's own step (train.train_step on a stage set up by train.setup_stage, with
+Accelerate's mixed precision) against smp's Unet in a user's loop (peer.py), on fixed random batches. The cases of one
+precision run in separate processes (train.py's allocator setting is process-wide), interleaved round by round so
+that their ratios see the same machine load, together with the hardware references."""
+import multiprocessing
+import os
+import traceback
+from dataclasses import asdict, dataclass, replace
+from functools import partial
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+import train
+from data import PRESETS
+from models import FocalLoss, ModelConfig, build_model
+from models.deploy import forward_flops
+from models.speed import apply_folds, keep_freed_memory, use_folds, use_keep_freed_memory
+from schedules import both, semantic
+from tools.benchmarks.peer import smp_model, smp_step
+from tools.benchmarks.timing import (Case, Settings, fresh_accelerator, make_batch, no_bar,
+                                     peak_cases, round_order, run_round, steps_per_case, warm_up)
+
+STAGES = {"seg": semantic(epochs=1), "both": both(epochs=1)}
+DEFAULTS = dict(compile=False, fused_adam=True, keep_memory=True, fold="auto")  # train.py's; other values: ablations
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """One training case: whose model, which stage, precision, memory layout and batch."""
+
+    peer: str  # "ours" | "smp"
+    task: str  # "seg" (seg-only stage) | "both"
+    precision: str  # "fp32" | "bf16"
+    layout: str  # "CL" (channels_last) | "NCHW"
+    batch: int
+    side: int
+    encoder: str
+    compile: bool = False
+    fused_adam: bool = True  # ours only: train.py's --fused-adam (the default) or --no-fused-adam
+    keep_memory: bool = True  # ours only: train.py's --keep-freed-memory (the default) or --no-keep-freed-memory
+    fold: str = "auto"  # ours only: train.py's --folds (models.speed.use_folds: auto = on where measured faster)
+
+    @property
+    def process(self) -> str:
+        """Which bench process runs it: the allocator setting of train.py is process-wide."""
+        return "peer" if self.peer == "smp" else "ours" if self.keep_memory else "ours, default allocator"
+
+    @property
+    def name(self) -> str:
+        who = (f"ours {'seg-only' if self.task == 'seg' else 'both'}" if self.peer == "ours"
+               else f"smp Unet({self.encoder})" + (" + 2nd decoder" if self.task == "both" else ""))
+        extra = (" compiled" if self.compile else "") + ("" if self.fused_adam else " --no-fused-adam")
+        extra += ("" if self.keep_memory else " --no-keep-freed-memory") + ("" if self.fold == "auto" else f" --folds {self.fold}")
+        return f"{who} {self.batch}x{self.side} {self.precision} {self.layout}{extra}"
+
+
+def train_defaults(argv: list[str], dataset: str = "voc"):
+    """train.py's settings for argv with the dataset preset's defaults (voc: the paper's)."""
+    return PRESETS[dataset].fill(train.get_args_parser().parse_args(argv))
+
+
+def default_precision() -> str:
+    """What `python train.py` trains in without flags: --mixed-precision's default, else Accelerate's."""
+    chosen = train.get_args_parser().parse_args([]).mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    return {"no": "fp32", "bf16": "bf16"}.get(chosen, chosen)
+
+
+def build_train_case(spec: TrainSpec, device: torch.device, accelerator: Accelerator | None, cache: dict,
+                     count: bool = True) -> Case:
+    """The project's step (train.train_step after train.setup_stage) or smp's Unet in a plain loop; FLOPs if `count`."""
+    batch = make_batch(spec.batch, spec.side, device)
+    key = replace(spec, batch=0, side=0)  # one model (and optimizer) per key, shared by the batch sizes
+    folds_on = spec.peer == "ours" and use_folds(device.type, spec.fold)
+    if spec.peer == "ours":
+        targs = train_defaults([] if spec.fused_adam else ["--no-fused-adam"])
+        stage = STAGES[spec.task]
+        if key not in cache:
+            model = build_model(ModelConfig(encoder=spec.encoder, tasks=("seg", "depth"))).to(memory_format=torch.channels_last)
+            apply_folds(model, folds_on)
+            cache[key] = train.setup_stage(accelerator, model, stage, targs, None, None)[:2]
+        model, optimizer = cache[key]
+        counted = partial(forward_flops, accelerator.unwrap_model(model), tasks=stage.tasks)
+        step = partial(train.train_step, model, optimizer, batch, accelerator, stage.tasks, stage.weights(),
+                       FocalLoss(targs.focal_gamma), targs.clip_grad_norm)
+    else:
+        if key not in cache:
+            cache[key] = smp_model(spec.encoder, spec.task, spec.layout, spec.compile, device)
+        model, optimizer = cache[key]
+        if spec.layout == "NCHW":
+            batch["image"] = batch["image"].contiguous()
+        counted = partial(forward_flops, getattr(model, "_orig_mod", model))
+        step = partial(smp_step, model, optimizer, batch, device, spec.precision == "bf16")
+    flops_key = ("flops", spec.peer, spec.task, spec.side, folds_on)  # the same for every precision and batch
+    if flops_key not in cache:
+        cache[flops_key] = (counted(batch["image"][:1]), counted(batch["image"][:1], executed=True)) if count else (0, 0)
+    per_image, executed = cache[flops_key]
+    return Case(spec.name, step, spec.batch, 3 * per_image * spec.batch,
+                {**asdict(spec), "folds_on": folds_on, "forward_flops_per_image": per_image,
+                 "executed_forward_flops_per_image": executed})
+
+
+def train_specs(settings: Settings, precision: str, with_smp: bool, compile: bool, device_type: str) -> list[TrainSpec]:
+    """Ours (seg-only and both stages, with train.py's defaults and with the other --folds) and, when installed, smp:
+    fp32 NCHW (its default) and bf16 channels_last (its fastest). settings.ablations adds what fused Adam, the
+    allocator setting (CPU) and, for smp, channels_last at fp32 buy."""
+    specs, enc = [], settings.encoder
+    other_fold = "off" if use_folds(device_type) else "on"
+    for i, (b, s) in enumerate(settings.train_shapes):
+        specs += [TrainSpec("ours", t, precision, "CL", b, s, enc) for t in STAGES]
+        if settings.ablations and use_keep_freed_memory(device_type):
+            specs.append(TrainSpec("ours", "seg", precision, "CL", b, s, enc, keep_memory=False))
+        specs += [TrainSpec("ours", t, precision, "CL", b, s, enc, fold=other_fold) for t in STAGES]
+        if settings.ablations and i == 0:
+            specs.append(TrainSpec("ours", "seg", precision, "CL", b, s, enc, fused_adam=False))
+        if with_smp:
+            layouts = ("NCHW", "CL")[: 1 + (settings.ablations and i == 0)] if precision == "fp32" else ("CL",)
+            specs += [TrainSpec("smp", "seg", precision, layout, b, s, enc) for layout in layouts]
+            specs.append(TrainSpec("smp", "both", precision, "NCHW" if precision == "fp32" else "CL", b, s, enc))
+    if compile:
+        b, s = settings.train_shapes[0]
+        specs.append(TrainSpec("ours", "seg", precision, "CL", b, s, enc, compile=True))
+        if with_smp:
+            specs.append(TrainSpec("smp", "seg", precision, "CL", b, s, enc, compile=True))
+    return specs
+
+
+def planned_steps(settings: Settings, with_smp: bool, compile: bool, device_type: str) -> int:
+    """Steps (warm-up included) that bench_training runs: the progress bar's share of it."""
+    cases = sum(len(train_specs(settings, p, with_smp, compile, device_type)) + 1 + len(settings.conv_shapes)
+                for p in settings.precisions)
+    return cases * steps_per_case(settings)
+
+
+def bench_training(settings: Settings, device: torch.device, with_smp: bool, compile: bool,
+                   bar: tqdm | None = None) -> tuple[list, list]:
+    """Per precision, ours and the peer in separate processes (train.py's allocator setting is process-wide), timed
+    in alternating rounds so that both see the same machine load; the hardware references run in the peer's."""
+    train_rows, peak_rows = [], []
+    bar = no_bar() if bar is None else bar
+    context = multiprocessing.get_context("spawn")
+    for precision in settings.precisions:
+        workers = []
+        specs = train_specs(settings, precision, with_smp, compile, device.type)
+        for side in dict.fromkeys([spec.process for spec in specs] + ["peer"]):
+            conn, child = context.Pipe()
+            process = context.Process(target=phase_worker, args=(child, side, settings, precision, device.type, with_smp, compile))
+            process.start()
+            workers.append((process, conn))
+        bar.set_description(f"training {precision}: building {len(specs)} cases")
+        ask_worker(workers, "build", together=True)  # untimed: the processes build their models at the same time
+        bar.set_description(f"training {precision}: warm-up")
+        ask_worker(workers, "warmup", bar=bar)
+        for r in range(settings.rounds):
+            bar.set_description(f"training {precision}: round {r + 1}/{settings.rounds}")
+            ask_worker(workers, "round", bar=bar)
+        for rows in ask_worker(workers, "rows"):
+            train_rows += [r for r in rows if "peer" in r]
+            peak_rows += [r for r in rows if "kind" in r]
+        for process, _ in workers:
+            process.join()
+    return train_rows, peak_rows
+
+
+def ask_worker(workers: list, command: str, together: bool = False, bar: tqdm | None = None) -> list:
+    """Send a command to each worker in turn, waiting for its answer before the next one starts (or not: together);
+    the steps each one reports move the bar."""
+    replies = []
+    for _, conn in workers:
+        conn.send(command)
+        if not together:
+            replies.append(conn.recv())
+            if bar is not None and replies[-1][0] == "ok" and isinstance(replies[-1][1], int):
+                bar.update(replies[-1][1])
+    replies += [conn.recv() for _, conn in workers] if together else []
+    for status, answer in replies:
+        if status == "error":
+            raise RuntimeError(f"bench worker failed on {command!r}:\n{answer}")
+    return [answer for _, answer in replies]
+
+
+def phase_worker(conn, side: str, settings: Settings, precision: str, device_type: str, with_smp: bool, compile: bool):
+    """One side's training cases (ours: with train.py's allocator setting), timed on the parent's commands; answers
+    how many steps it ran."""
+    device, cases, rounds = torch.device(device_type), [], 0
+    try:
+        while (command := conn.recv()) != "rows":
+            ran = None
+            if command == "build":
+                cases = build_side(side, settings, precision, device, with_smp, compile)
+            elif command == "warmup":
+                ran = warm_up(cases, settings.warmup, device)
+            else:
+                ran = run_round(round_order(cases, rounds), max(1, settings.steps // settings.rounds), device)
+                rounds += 1
+            conn.send(("ok", ran))
+        conn.send(("ok", [c.row() for c in cases]))
+    except Exception:  # the parent raises it with the traceback
+        conn.send(("error", traceback.format_exc()))
+
+
+def build_side(side: str, settings: Settings, precision: str, device: torch.device, with_smp: bool, compile: bool) -> list[Case]:
+    """The cases of one bench process (ours after train.py's allocator setting); the peer's also times the hardware."""
+    if side == "ours" and use_keep_freed_memory(device.type):
+        keep_freed_memory()
+    cache = {}
+    specs = [s for s in train_specs(settings, precision, with_smp, compile, device.type) if s.process == side]
+    cases = [build_train_case(s, device, accelerators(precision, device, s.compile, cache) if s.peer == "ours" else None, cache)
+             for s in specs]
+    return cases + (peak_cases(settings, precision, device) if side == "peer" else [])
+
+
+def accelerators(precision: str, device: torch.device, compile: bool, cache: dict) -> Accelerator:
+    """One Accelerator per (precision, compile), made when first needed: prepared models keep their autocast."""
+    key = ("accelerator", precision, compile)
+    if key not in cache:
+        cache[key] = fresh_accelerator(precision, device, compile)
+    return cache[key]
