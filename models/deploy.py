@@ -1,6 +1,7 @@
 """Deployment: the seg-only model, its cost, TorchScript and ONNX export and ONNX Runtime sessions, parity checks.
 Predicting images with any of them: evaluation/inference.py."""
 import warnings
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -139,19 +140,26 @@ def compare(name: str, out: Tensor, ref: Tensor, tol: float) -> dict:
 
 
 @torch.no_grad()
-def check_parity(reference: MultiDecoderModel, folder: Path, shapes: list[tuple[int, ...]],
-                 tols: dict[str, float]) -> list[dict]:
-    """Exported PyTorch (safetensors), TorchScript and ONNX Runtime files vs the reference's eager seg output."""
+def parity_rows(reference: MultiDecoderModel, backends: dict[str, tuple[Callable[[Tensor], Tensor], float]],
+                shapes: list[tuple[int, ...]]) -> list[dict]:
+    """Each backend (name -> (image batch -> seg logits, tolerance)) against the reference's eager seg output on
+    seeded random inputs of each shape: compare's rows, shape by shape."""
     reference = reference.cpu().eval()
-    eager = load_model(folder)
-    scripted = load_torchscript(Path(folder) / TORCHSCRIPT_NAME)
-    session = onnx_session(Path(folder) / ONNX_NAME)
     gen = torch.Generator().manual_seed(PARITY_SEED)
     rows = []
     for shape in shapes:
         x = torch.randn(shape, generator=gen)
         ref = reference(x, ("seg",))["seg"]
-        rows.append(compare("pytorch", eager(x)["seg"], ref, tols["pytorch"]))
-        rows.append(compare("torchscript", scripted(x), ref, tols["torchscript"]))
-        rows.append(compare("onnxruntime", run_onnx(session, x), ref, tols["onnxruntime"]))
+        rows += [compare(name, run(x), ref, tol) for name, (run, tol) in backends.items()]
     return rows
+
+
+def check_parity(reference: MultiDecoderModel, folder: Path, shapes: list[tuple[int, ...]],
+                 tols: dict[str, float]) -> list[dict]:
+    """Exported PyTorch (safetensors), TorchScript and ONNX Runtime files vs the reference's eager seg output."""
+    eager = load_model(folder)
+    scripted = load_torchscript(Path(folder) / TORCHSCRIPT_NAME)
+    session = onnx_session(Path(folder) / ONNX_NAME)
+    return parity_rows(reference, {"pytorch": (lambda x: eager(x)["seg"], tols["pytorch"]),
+                                   "torchscript": (scripted, tols["torchscript"]),
+                                   "onnxruntime": (lambda x: run_onnx(session, x), tols["onnxruntime"])}, shapes)

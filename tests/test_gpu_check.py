@@ -5,7 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import train
 from tools import gpu_check
 
 REPO = Path(__file__).resolve().parents[1]
@@ -16,13 +15,12 @@ def test_the_gpu_commands_are_the_ones_benchmarks_md_asks_for():
     bench = gpu_check.bench_command(args, Path("out"))
     assert bench[1:9] == ["tools/bench.py", "--device", "cuda", "--precision", "bf16", "--train-shapes", "16x256,8x512",
                           "--infer-batches"]
-    run = gpu_check.train_command(args, Path("run"), None, with_folds=True)
+    run = gpu_check.train_command(args, Path("run"), None)
     i = run.index("train.py")
     assert run[:i] == [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
                        "--mixed_precision", "bf16", "--dynamo_backend", "no"]
     assert run[i:] == ["train.py", "--schedule", "d_s_b", "--copy-weights", "--mixed-precision", "bf16", "--output-dir",
                        "run", "--folds", "off"]  # the preset's default run: synthetic set, 3 epochs a stage
-    assert "--folds" not in gpu_check.train_command(args, Path("run"), None, with_folds=False)
     assert args.bench_timeout + args.train_timeout <= 7.5 * 60  # the whole check within 8 minutes
 
 
@@ -38,8 +36,7 @@ def test_cpu_quick_run_writes_the_results_file(tmp_path):
         assert table in results
     command = next(line for line in results.splitlines() if line.startswith("`train.py"))
     assert command.startswith("`train.py --schedule d_s_b --copy-weights --mixed-precision bf16")
-    has_folds = "--folds" in train.get_args_parser()._option_string_actions
-    assert ("--folds off" in command) == has_folds  # passed once train.py has the flag
+    assert "--folds off" in command
     epochs = [line for line in results.splitlines() if line.startswith(("| 0 (d)", "| 1 (s)", "| 2 (b)"))]
     assert len(epochs) == 3 and "Final: mIoU" in results
     done_at = [float(line.split(" | ")[3]) for line in epochs]

@@ -60,12 +60,12 @@ def bench_command(args: argparse.Namespace, out: Path) -> list[str]:
             "--memory" if args.memory else "--no-memory", "--no-progress", "--json", str(out / "bench.json")]
 
 
-def train_command(args: argparse.Namespace, run: Path, data_root: Path | None, with_folds: bool) -> list[str]:
+def train_command(args: argparse.Namespace, run: Path, data_root: Path | None) -> list[str]:
     """accelerate launch train.py --schedule d_s_b --copy-weights --mixed-precision bf16 --folds off, one process."""
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
               "--mixed_precision", "bf16", "--dynamo_backend", "no"]
     cmd = [*launch, "train.py", "--schedule", "d_s_b", "--copy-weights", "--mixed-precision", "bf16",
-           "--output-dir", str(run), *(["--folds", "off"] if with_folds else [])]
+           "--output-dir", str(run), "--folds", "off"]
     epochs = args.train_epochs or (1 if args.quick else None)  # None: the preset's
     max_steps = args.max_steps_per_epoch or (1 if args.quick else None)
     cmd += ["--stage-epochs", str(epochs)] if epochs else []
@@ -77,21 +77,12 @@ def train_command(args: argparse.Namespace, run: Path, data_root: Path | None, w
     return cmd
 
 
-def train_has_folds_flag() -> bool:
-    """train.py's --folds {auto,on,off} (models.speed.use_folds); older checkouts lack it."""
-    import train
-
-    return "--folds" in train.get_args_parser()._option_string_actions
-
-
-def training_section(cmd: list[str], result: dict, run: Path, with_folds: bool) -> list[str]:
+def training_section(cmd: list[str], result: dict, run: Path) -> list[str]:
     """The training run as Markdown: command, wall time, one row per epoch from log.jsonl, the final metrics."""
     lines = ["## Training: the default run in bf16", "", f"`{' '.join(cmd[cmd.index('train.py'):])}` "
              f"(`accelerate launch`, one process): exit code {result['rc']}"
              + (" (stopped at the time limit)" if result["timed_out"] else "") + f", {result['seconds']:.0f} s wall"
              " (start-up, data set generation if needed, training, validation and checkpoints)."]
-    if not with_folds:
-        lines += ["", "train.py has no --folds flag in this checkout: trained with its default decoder."]
     log = run / "log.jsonl"
     epochs = [json.loads(x) for x in log.read_text().splitlines()] if log.is_file() else []
     if epochs:
@@ -133,13 +124,12 @@ def main(args: argparse.Namespace) -> dict:
             from data.synthetic import make_synthetic
 
             data_root = make_synthetic(Path(tmp) / "voc", num_train=8, num_val=4, size=64, seed=0)
-        with_folds = train_has_folds_flag()
         run = Path(tmp) / "run"
-        cmd = train_command(args, run, data_root, with_folds)
+        cmd = train_command(args, run, data_root)
         print(f"[2/2] {' '.join(cmd[cmd.index('train.py'):])} (at most {args.train_timeout:.0f} s; log {out / 'train.log'})",
               flush=True)
         result = run_logged(cmd, out / "train.log", args.train_timeout)
-        lines += training_section(cmd, result, run, with_folds)
+        lines += training_section(cmd, result, run)
     lines += ["", f"Total: {time.perf_counter() - tic:.0f} s."]
     results = out / "results.md"
     results.write_text("\n".join(lines) + "\n")

@@ -22,7 +22,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from data import PRESETS, get_transform
 from models.decoder import crop
 from models.deploy import (
-    INPUT_NAME, ONNX_INT8_NAME, ONNX_NAME, PARITY_SEED, compare, export_onnx, onnx_session, run_onnx,
+    INPUT_NAME, ONNX_INT8_NAME, ONNX_NAME, PARITY_SEED, export_onnx, onnx_session, parity_rows, run_onnx,
 )
 from models.model import MultiDecoderModel
 
@@ -86,13 +86,7 @@ class Int8Ready(nn.Module):
 def check_int8_source(model: MultiDecoderModel, path: Path, shapes: list[tuple[int, ...]], tol: float) -> list[dict]:
     """The fp32 graph to quantize vs the model's eager seg logits (compare's rows, backend "int8-source")."""
     session = onnx_session(path)
-    gen = torch.Generator().manual_seed(PARITY_SEED)
-    rows = []
-    with torch.no_grad():
-        for shape in shapes:
-            x = torch.randn(shape, generator=gen)
-            rows.append(compare("int8-source", run_onnx(session, x), model(x, ("seg",))["seg"], tol))
-    return rows
+    return parity_rows(model, {"int8-source": (lambda x: run_onnx(session, x), tol)}, shapes)
 
 
 def find_dataset(source: Path, dataset: str | None, data_root: str | None) -> tuple[str, Path]:
