@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -26,10 +26,8 @@ from data.visualize import log_images
 from evaluation.inference import predict_batch, torch_predictor
 from evaluation.metrics import SegEvaluator
 from models import FocalLoss, ModelConfig, build_model, depth_loss
-from models.checkpoint import (CheckpointError, RunLog, TrainState, fault_point, find_resume, load_extra,
-                               read_checkpoint, refuse_overwrite, save_checkpoint, write_json_atomic,
-                               write_json_line)
-from models.speed import FOLD_CHOICES, apply_folds, keep_freed_memory, use_folds, use_keep_freed_memory
+from run_state import (CheckpointError, RunLog, TrainState, fault_point, find_resume, load_extra, read_checkpoint,
+                       refuse_overwrite)
 from models.weighting import WEIGHTINGS, build_weighting, for_stage, trainable_params
 from schedules import SCHEDULES, copy_plan, get_schedule, lr_factor, schedule_tasks
 
@@ -53,96 +51,57 @@ def get_dataloaders(args, preset, root: Path, need_depth: bool, batch_size: int,
     return train_loader, val_loader
 
 
-def criterion(outputs: dict, batch: dict, weights: dict, focal: FocalLoss, joint=None) -> tuple[torch.Tensor, dict]:
-    """Weighted sum of the stage's losses (or `joint`'s weighting of them), and each term (tensors: no host sync)."""
-    terms = {}
-    if "seg" in weights:
-        terms["seg"] = focal(outputs["seg"], batch["label"])
-    if "depth" in weights:
-        terms["depth"] = depth_loss(outputs["depth"], batch["depth"])
-    if joint is not None:  # models/weighting.py: uncertainty or DWA in place of the fixed weights
-        return joint(terms), terms
-    return sum(weights[t] * terms[t] for t in terms), terms
+class Criterion:
+    """The stage's loss: the weighted sum of its terms (or the joint weighting's combination), and each term."""
+
+    def __init__(self, focal: FocalLoss, weights: dict[str, float], joint=None):
+        self.focal, self.weights, self.joint = focal, weights, joint
+
+    def __call__(self, outputs: dict, batch: dict) -> tuple[torch.Tensor, dict]:
+        terms = {}  # tensors: no host sync
+        if "seg" in self.weights:
+            terms["seg"] = self.focal(outputs["seg"], batch["label"])
+        if "depth" in self.weights:
+            terms["depth"] = depth_loss(outputs["depth"], batch["depth"])
+        if self.joint is not None:  # models/weighting.py: uncertainty or DWA in place of the fixed weights
+            return self.joint(terms), terms
+        return sum(self.weights[t] * terms[t] for t in terms), terms
+
+    def logged_weights(self, accelerator) -> dict[str, torch.Tensor]:
+        """The joint weighting's effective weight of each term ({} with the fixed weights)."""
+        if self.joint is None:
+            return {}
+        return {f"w_{t}": w for t, w in accelerator.unwrap_model(self.joint).weights().items()}
 
 
 @torch.no_grad()
-def evaluate(model, loader, accelerator, num_classes: int, tasks: tuple[str, ...], keep: list | None = None,
-             metric_options: dict | None = None) -> dict:
-    """Validation over the whole split; every sample counted exactly once across processes. The main process
-    appends the first (batch, outputs) to `keep` if given (TensorBoard's images). metric_options: the dataset's
-    (Preset.metric_options: class names, iIoU's instance classes and sizes)."""
+def evaluate(model, loader, accelerator, num_classes: int, tasks: tuple[str, ...],
+             metric_options: dict | None = None) -> tuple[dict, tuple | None]:
+    """Validation over the whole split, every sample counted exactly once across processes: the metrics, and the
+    first (batch, outputs) on the main process for TensorBoard's images (None elsewhere). metric_options: the
+    dataset's (Preset.metric_options: class names, iIoU's instance classes and sizes)."""
     model.eval()
     evaluator = SegEvaluator(num_classes, **(metric_options or {}))  # the same metric code as tools/evaluate.py
     run = torch_predictor(model, tasks)
+    shown = None
     for i, batch in enumerate(loader):
         outputs = predict_batch(run, batch)  # each image alone at its size, as tools/evaluate.py and predict.py
         evaluator.update(outputs, batch, accelerator)
-        if i == 0 and keep is not None and accelerator.is_main_process:
-            keep.append((batch, outputs))
-    return evaluator.compute()
+        if i == 0 and accelerator.is_main_process:
+            shown = (batch, outputs)
+    return evaluator.compute(), shown
 
 
-def train_step(model, optimizer, batch, accelerator, tasks, weights, focal, clip_grad_norm: float, joint=None) -> tuple[torch.Tensor, dict]:
+def train_step(model, criterion, optimizer, batch, accelerator, tasks, clip_grad_norm: float) -> tuple[torch.Tensor, dict]:
     """Forward the stage's decoders, loss, backward, optimizer step; no host sync (tools/bench.py times this)."""
     outputs = model(batch["image"].contiguous(memory_format=torch.channels_last), tasks=tasks)
-    loss, terms = criterion(outputs, batch, weights, focal, joint)
+    loss, terms = criterion(outputs, batch)
     accelerator.backward(loss)
     if clip_grad_norm > 0:
         accelerator.clip_grad_norm_(model.parameters(), clip_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss, terms
-
-
-def train_one_epoch(model, optimizer, loader, accelerator, stage, focal, state: TrainState, args, save, joint=None,
-                    log=None) -> dict:
-    """One pass over the (remaining) batches of an epoch, calling save() every --checkpoint-every steps and
-    log(values, step) (default accelerator.log) every --log-every; returns the epoch's average losses (and joint
-    weights)."""
-    log = log or (lambda values, step: accelerator.log(values, step=step))
-    model.train()
-    weights = stage.weights()
-    weighting = accelerator.unwrap_model(joint) if joint is not None else None
-    total_steps = state.steps_per_epoch * stage.epochs
-    logged_weights = [f"w_{t}" for t in weights] if weighting is not None else []
-    # loss sums so far this epoch: restored from a mid-epoch checkpoint, so the epoch's averages come out the same
-    running = {t: torch.tensor(state.sums.get(t, 0.0), device=accelerator.device) for t in (*weights, "loss", *logged_weights)}
-    watch = LossWatch(tuple(weights), accelerator.device)
-    seen, tic = 0, time.perf_counter()
-    bar = tqdm(total=state.steps_per_epoch, initial=state.step, disable=not accelerator.is_local_main_process,
-               desc=f"stage {state.stage} ({stage.name}) epoch {state.epoch}", leave=False)
-    for batch in loader:
-        if state.step >= state.steps_per_epoch:
-            break
-        lr = args.lr * lr_factor((state.epoch * state.steps_per_epoch + state.step) / total_steps, args.lr_schedule, args.warmup)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
-        effective = {f"w_{t}": w for t, w in weighting.weights().items()} if weighting is not None else {}
-        loss, terms = train_step(model, optimizer, batch, accelerator, stage.tasks, weights, focal, args.clip_grad_norm, joint)
-        watch.update(terms, loss, state.global_step + 1)
-        for t, v in {**terms, "loss": loss, **effective}.items():
-            running[t] += v.detach()
-        state.step += 1
-        state.global_step += 1
-        fault_point("step")
-        seen += batch["image"].shape[0]
-        if state.step % args.log_every == 0 or state.step == state.steps_per_epoch:
-            watch.check(accelerator, state, stage)
-            logs = {f"train/{t}": v.item() for t, v in {**terms, **effective}.items()}
-            img_s = seen * accelerator.num_processes / (time.perf_counter() - tic)
-            log({**logs, "train/loss": loss.item(), "train/lr": lr, "train/img_per_s": img_s}, state.global_step)
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", img_s=f"{img_s:.1f}")
-        bar.update(1)
-        if args.checkpoint_every and state.global_step % args.checkpoint_every == 0 and state.step < state.steps_per_epoch:
-            watch.check(accelerator, state, stage)  # a state a NaN reached is never checkpointed
-            state.sums = {t: accelerator.reduce(v, "mean").item() for t, v in running.items()}
-            save()  # the epoch's last step is saved after validation instead
-    bar.close()
-    watch.check(accelerator, state, stage)
-    averages = {t: accelerator.reduce(v, "mean").item() / max(state.step, 1) for t, v in running.items()}
-    if weighting is not None:
-        weighting.epoch_end(averages)  # DWA: the next epoch's weights
-    return averages
 
 
 class LossWatch:
@@ -174,6 +133,67 @@ class LossWatch:
             + ", ".join(f"{n}={v:.4g}" for n, v in zip(self.names, values.tolist()))
             + ". The last checkpoint on disk is the last good state; lower --lr or set --clip-grad-norm and resume."
         )
+
+
+@dataclass(frozen=True)
+class LoopOptions:
+    """What train_one_epoch reads besides the stage: the learning rate's shape and how often to log and checkpoint."""
+
+    lr: float
+    lr_schedule: str
+    warmup: float
+    log_every: int
+    checkpoint_every: int
+    clip_grad_norm: float
+
+
+def train_one_epoch(model, criterion: Criterion, optimizer, loader, accelerator, stage, state: TrainState,
+                    run: RunLog, options: LoopOptions) -> dict:
+    """One pass over the (remaining) batches of an epoch, logging every options.log_every steps and checkpointing
+    every options.checkpoint_every; returns the epoch's average losses (and joint weights)."""
+    model.train()
+    total_steps = state.steps_per_epoch * stage.epochs
+    logged = (*criterion.weights, "loss", *criterion.logged_weights(accelerator))
+    # loss sums so far this epoch: restored from a mid-epoch checkpoint, so the epoch's averages come out the same
+    running = {t: torch.tensor(state.sums.get(t, 0.0), device=accelerator.device) for t in logged}
+    watch = LossWatch(tuple(criterion.weights), accelerator.device)
+    seen, tic = 0, time.perf_counter()
+    bar = tqdm(total=state.steps_per_epoch, initial=state.step, disable=not accelerator.is_local_main_process,
+               desc=f"stage {state.stage} ({stage.name}) epoch {state.epoch}", leave=False)
+    for batch in loader:
+        if state.step >= state.steps_per_epoch:
+            break
+        progress = (state.epoch * state.steps_per_epoch + state.step) / total_steps
+        lr = options.lr * lr_factor(progress, options.lr_schedule, options.warmup)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        effective = criterion.logged_weights(accelerator)  # the weights this step uses
+        loss, terms = train_step(model, criterion, optimizer, batch, accelerator, stage.tasks, options.clip_grad_norm)
+        watch.update(terms, loss, state.global_step + 1)
+        for t, v in {**terms, "loss": loss, **effective}.items():
+            running[t] += v.detach()
+        state.step += 1
+        state.global_step += 1
+        fault_point("step")
+        seen += batch["image"].shape[0]
+        if state.step % options.log_every == 0 or state.step == state.steps_per_epoch:
+            watch.check(accelerator, state, stage)
+            logs = {f"train/{t}": v.item() for t, v in {**terms, **effective}.items()}
+            img_s = seen * accelerator.num_processes / (time.perf_counter() - tic)
+            run.log({**logs, "train/loss": loss.item(), "train/lr": lr, "train/img_per_s": img_s}, state.global_step)
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", img_s=f"{img_s:.1f}")
+        bar.update(1)
+        if options.checkpoint_every and state.global_step % options.checkpoint_every == 0 \
+                and state.step < state.steps_per_epoch:  # the epoch's last step is saved after validation instead
+            watch.check(accelerator, state, stage)  # a state a NaN reached is never checkpointed
+            state.sums = {t: accelerator.reduce(v, "mean").item() for t, v in running.items()}
+            run.save(model, state)
+    bar.close()
+    watch.check(accelerator, state, stage)
+    averages = {t: accelerator.reduce(v, "mean").item() / max(state.step, 1) for t, v in running.items()}
+    if criterion.joint is not None:
+        accelerator.unwrap_model(criterion.joint).epoch_end(averages)  # DWA: the next epoch's weights
+    return averages
 
 
 def setup_stage(accelerator, model, stage, args, train_loader, val_loader, weighting=None):
@@ -219,9 +239,6 @@ def main(args):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS needs it
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
-    device_type = "cpu" if args.cpu or not torch.cuda.is_available() else "cuda"
-    if use_keep_freed_memory(device_type, args.keep_freed_memory):
-        keep_freed_memory()
     accelerator = Accelerator(
         cpu=args.cpu or not torch.cuda.is_available(), mixed_precision=args.mixed_precision,
         log_with="tensorboard", project_dir=args.output_dir,
@@ -246,8 +263,9 @@ def main(args):
     config = ModelConfig(encoder=args.encoder, tasks=tasks, num_classes=preset.num_classes,
                          class_names=preset.class_names, palette=preset.palette)
     model = build_model(config, args.encoder_weights).to(memory_format=torch.channels_last)
-    apply_folds(model, use_folds(accelerator.device.type, args.folds))  # models/speed.py: where they are faster
     focal = FocalLoss(args.focal_gamma)
+    options = LoopOptions(args.lr, args.lr_schedule, args.warmup, args.log_every, args.checkpoint_every,
+                          args.clip_grad_norm)
     run_config = {**vars(args), "data_root": str(root), "stages": [asdict(s) for s in stages], "model": asdict(config), "world_size": accelerator.num_processes}
 
     state = TrainState(schedule=args.schedule)
@@ -261,7 +279,7 @@ def main(args):
         refuse_overwrite(out, args.resume)
         if args.resume == "auto":
             accelerator.print(f"--resume auto: no checkpoint in {out / 'checkpoints'}, starting from scratch")
-    run_log = RunLog(accelerator, out, run_config, state, resumed=resume is not None)  # writes nothing yet
+    run = RunLog(accelerator, out, run_config, state, resumed=resume is not None, extra=extra)  # writes nothing yet
     metrics = {}
     while state.stage < len(stages):
         stage = stages[state.stage]
@@ -269,6 +287,7 @@ def main(args):
             copy_weights(accelerator, model, *copies[state.stage], f"stage {state.stage} ({stage.name})", out)
         model, optimizer, train_dl, val_dl = setup_stage(accelerator, model, stage, args, train_loader, val_loader, weighting)
         joint = for_stage(weighting, stage.tasks, accelerator)  # before load_state: a prepared one is in the checkpoint
+        criterion = Criterion(focal, stage.weights(), joint)
         if resume is not None:
             accelerator.load_state(str(resume))
             load_extra(resume, extra)
@@ -281,36 +300,27 @@ def main(args):
             loader = accelerator.skip_first_batches(train_dl, state.step) if state.step else train_dl
             if state.step:
                 loader.set_epoch(epoch_key)
-
-            def save():
-                run_log.open()
-                save_checkpoint(accelerator, model, out, state, extra=extra)
-
-            losses = train_one_epoch(model, optimizer, loader, accelerator, stage, focal, state, args, save, joint,
-                                     log=run_log.log)
-            shown = []  # the first validation batch, for TensorBoard
-            metrics = evaluate(model, val_dl, accelerator, preset.num_classes, tasks, keep=shown,
-                               metric_options=preset.metric_options())
-            run_log.open()  # an epoch trained and validated: the run starts writing into its folder
-            if shown:
-                log_images(accelerator, *shown[0], state.global_step, palette=preset.palette)
-            run_log.log({f"val/{k}": v for k, v in metrics.items() if isinstance(v, float)}, step=state.global_step)
+            losses = train_one_epoch(model, criterion, optimizer, loader, accelerator, stage, state, run, options)
+            metrics, shown = evaluate(model, val_dl, accelerator, preset.num_classes, tasks, preset.metric_options())
+            run.open()  # an epoch trained and validated: the run starts writing into its folder
+            if shown is not None:  # the first validation batch, for TensorBoard
+                log_images(accelerator, *shown, state.global_step, palette=preset.palette)
+            run.log({f"val/{k}": v for k, v in metrics.items() if isinstance(v, float)}, step=state.global_step)
             accelerator.print(f"stage {state.stage} ({stage.name}) epoch {state.epoch}: "
                               + " ".join(f"{k}={v:.4f}" for k, v in {**losses, **metrics}.items() if isinstance(v, float)))
             if "depth_nan_reason" in metrics:
                 accelerator.print(f"  depth metrics are NaN: {metrics['depth_nan_reason']}")
             is_best = metrics["mIoU"] > state.best_miou
             state.best_miou = max(state.best_miou, metrics["mIoU"])
-            if accelerator.is_main_process:
-                write_json_line(out / "log.jsonl", {
-                    "stage": state.stage, "stage_name": stage.name, "epoch": state.epoch, "global_step": state.global_step,
-                    "steps": state.steps_per_epoch, "world_size": accelerator.num_processes, "skipped_samples": skipped,
-                    "train": losses, "val": {k: v for k, v in metrics.items() if k != "confusion_matrix"}})
-                if state.stage == len(stages) - 1 and state.epoch == stage.epochs - 1:
-                    # before the checkpoint that marks the run finished, so a finished run always has it
-                    write_json_atomic(out / "metrics.json", {**metrics, "best_mIoU": state.best_miou})
+            run.epoch_line({
+                "stage": state.stage, "stage_name": stage.name, "epoch": state.epoch, "global_step": state.global_step,
+                "steps": state.steps_per_epoch, "world_size": accelerator.num_processes, "skipped_samples": skipped,
+                "train": losses, "val": {k: v for k, v in metrics.items() if k != "confusion_matrix"}})
+            if state.stage == len(stages) - 1 and state.epoch == stage.epochs - 1:
+                # before the checkpoint that marks the run finished, so a finished run always has it
+                run.final_metrics({**metrics, "best_mIoU": state.best_miou})
             state.epoch_done()
-            save_checkpoint(accelerator, model, out, state, best=is_best, extra=extra)
+            run.save(model, state, best=is_best)
         state.stage_done()
         fault_point("stage")
     if sum(skipped.values()):
@@ -331,7 +341,8 @@ def parse_int_list(text: str) -> list[int]:
 
 def get_args_parser():
     p = argparse.ArgumentParser(description="Staged multi-decoder segmentation training", add_help=True)
-    p.add_argument("--schedule", default="d_s_b", choices=sorted(SCHEDULES), help="stage sequence (SPEC 'Schedules')")
+    p.add_argument("--schedule", default="d_s_b", choices=sorted(SCHEDULES), help="stage sequence: s = segmentation decoder, "
+                   "d = depth decoder, b = both (README, 'Schedules')")
     p.add_argument("--copy-weights", action="store_true", help="copy the first-trained decoder into the next one (not the head)")
     p.add_argument("--stage-epochs", type=parse_int_list, default=None, help="E or E1,E2,... (default: the dataset preset's)")
     p.add_argument("--dataset", default="synthetic", choices=sorted(PRESETS), help="dataset preset")
@@ -361,11 +372,6 @@ def get_args_parser():
     p.add_argument("--mixed-precision", default=None, choices=["no", "fp16", "bf16"], help="default: accelerate launch's setting")
     p.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
     p.add_argument("--compile", action="store_true", help="torch.compile the model when prepared (slower on CPU: BENCHMARKS.md)")
-    p.add_argument("--folds", default="auto", choices=FOLD_CHOICES,
-                   help="decoder upsample folds (models/decoder.py; same function, a speed choice): auto = where measured "
-                        "faster, the CPU (models/speed.py, BENCHMARKS.md); on; off = smp's plain upsample + conv")
-    p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
-                   help="CPU, glibc: reuse freed memory instead of returning it to the OS (faster steps, RSS stays at its peak)")
     p.add_argument("--workers", type=int, default=2, help="data loading workers per process")
     p.add_argument("--seed", type=int, default=0, help="seed for weights, data order and augmentation")
     p.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap on steps per epoch (quick runs)")

@@ -19,10 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.checkpoint import CONFIG_NAME, load_model, resolve_checkpoint
+from models.io import CONFIG_NAME, load_model, resolve_checkpoint
 from models.deploy import ONNX_INT8_NAME, ONNX_NAME, onnx_session, run_onnx
 from models.model import ModelConfig
-from models.speed import apply_folds, use_folds
 
 # normalised images (1, 3, H, W) -> {task: (1, C, H, W)}: a model, an exported file, anything that maps one to the other
 Predictor = Callable[[Tensor], dict[str, Tensor]]
@@ -36,12 +35,9 @@ def torch_predictor(model: nn.Module, tasks: tuple[str, ...] | None = None) -> P
     return run
 
 
-def for_inference(model: nn.Module, device: torch.device | str, folds: str = "auto") -> nn.Module:
-    """The model on `device`, channels_last (as it trains), in eval mode, its decoder folding where that is faster on
-    this device (models/speed.py; `folds` as train.py's --folds)."""
-    model = model.to(device, memory_format=torch.channels_last).eval()
-    apply_folds(model, use_folds(torch.device(device).type, folds))
-    return model
+def for_inference(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """The model on `device`, channels_last (as it trains), in eval mode."""
+    return model.to(device, memory_format=torch.channels_last).eval()
 
 
 def onnx_predictor(path: Path, device: str = "cpu") -> Predictor:

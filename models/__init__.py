@@ -1,5 +1,5 @@
-"""Models: ResNet encoder, UNet decoders, the multi-decoder model and its losses."""
-from models.checkpoint import load_model, save_model
+"""Models: ResNet encoder, UNet decoders, the multi-decoder model, its losses and its files."""
+from models.io import load_model, save_model
 from models.losses import FocalLoss, depth_loss
 from models.model import ModelConfig, MultiDecoderModel, build_model
 

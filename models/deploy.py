@@ -2,15 +2,13 @@
 Predicting images with any of them: evaluation/inference.py."""
 import warnings
 from collections.abc import Callable
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from models.checkpoint import drop_decoders, load_model
-from models.decoder import unfolded
+from models.io import drop_decoders, load_model
 from models.model import MultiDecoderModel
 
 TORCHSCRIPT_NAME = "model.pt"
@@ -47,19 +45,17 @@ def count_params(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def forward_flops(model: nn.Module, x: Tensor, executed: bool = False, **kwargs) -> int:
-    """FLOPs of one forward (a multiply-add counts 2), counted by torch's FlopCounterMode: those of the network as
-    defined (the plain UNet, as smp and FLOP counters count it), or the `executed` ones (fewer: the decoder folds its
-    upsamples into its convolutions, models/decoder.py)."""
+def forward_flops(model: nn.Module, x: Tensor, **kwargs) -> int:
+    """FLOPs of one forward (a multiply-add counts 2), counted by torch's FlopCounterMode."""
     counter = FlopCounterMode(display=False)
-    with counter, (nullcontext() if executed else unfolded(model)):
+    with counter:
         model(x, **kwargs)
     return counter.get_total_flops()
 
 
-def count_flops(model: MultiDecoderModel, size: tuple[int, int], executed: bool = False) -> int:
+def count_flops(model: MultiDecoderModel, size: tuple[int, int]) -> int:
     """FLOPs of one forward of every decoder the model has, on one image (see forward_flops)."""
-    return forward_flops(model, torch.zeros(1, 3, *size, device=next(model.parameters()).device), executed)
+    return forward_flops(model, torch.zeros(1, 3, *size, device=next(model.parameters()).device))
 
 
 def export_torchscript(module: nn.Module, path: Path) -> None:
@@ -94,8 +90,6 @@ def export_onnx(module: nn.Module, path: Path, exporter: str = "dynamo") -> None
         axes = {0: "batch", 2: "height", 3: "width"}
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=DeprecationWarning)
-            # a note, not a problem: it reverses F.pad's pads (the product fold) with a step -1 Slice it cannot fold
-            warnings.filterwarnings("ignore", message="Constant folding - Only steps=1", category=UserWarning)
             torch.onnx.export(module, example, str(path), dynamo=False, opset_version=LEGACY_OPSET,
                               dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes}, **names)
     else:

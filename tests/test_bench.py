@@ -45,28 +45,6 @@ def test_forward_flops_equal_an_independent_conv_count():
     assert joint - seg == seg - head_diff - forward_flops(model.encoder, x)  # depth decoder = seg decoder, smaller head
 
 
-def test_executed_flops_are_the_folded_decoders():
-    """A transposed fold runs a stride-2 4x4 transposed convolution on the low-resolution input instead of a 3x3
-    convolution on the upsampled one: 16 multiply-adds per input pixel and channel pair instead of 4 x 9. The product
-    fold's matmul makes 9 (each tap's product once)."""
-    model = build_model(ModelConfig(encoder="resnet18")).eval()
-    x = torch.randn(1, 3, 64, 96)
-    saved, sizes = 0, []
-    for block in model.decoders["seg"].blocks:
-        block.register_forward_hook(lambda b, args, out: sizes.append((b, args[0].shape)))
-    forward_flops(model, x, executed=True, tasks=("seg",))
-    for block, (*_, h, w) in sizes:
-        pairs = block.in_ch * block.conv1[0].out_channels
-        if block.fold == "transposed":
-            saved += 2 * h * w * pairs * (4 * 9 - 16)
-        elif block.fold == "products":
-            saved += 2 * h * w * pairs * (4 * 9 - 9)
-    assert [b.fold for b, _ in sizes] == ["products"] + ["transposed"] * 4 and saved > 0
-    executed, nominal = (forward_flops(model, x, executed=e, tasks=("seg",)) for e in (True, False))
-    assert executed == nominal - saved
-    assert [b.fold for b in model.decoders["seg"].blocks] == ["products"] + ["transposed"] * 4  # restored
-
-
 def test_our_seg_model_costs_what_smps_unet_costs():
     smp = pytest.importorskip("segmentation_models_pytorch")
     ours = build_model(ModelConfig(encoder="resnet18", tasks=("seg",))).eval()
@@ -107,8 +85,6 @@ def test_train_case_runs_the_step_and_counts_three_forwards(peer, task, fresh_ac
         assert any(not torch.equal(before[n], p) for n, p in model.named_parameters() if n in before and "depth" in n)
     assert case.images == 2
     assert case.flops == 3 * 2 * case.meta["forward_flops_per_image"]
-    executed, nominal = case.meta["executed_forward_flops_per_image"], case.meta["forward_flops_per_image"]
-    assert 0 < executed < nominal if peer == "ours" else executed == nominal  # only our decoder folds its upsamples
     unwrapped = getattr(model, "module", model)
     tasks = {"tasks": training.STAGES["both"].tasks} if peer == "ours" else {}
     assert case.meta["forward_flops_per_image"] * 2 == conv_flops(unwrapped, timing.make_batch(2, 64, "cpu")["image"], **tasks)
@@ -134,19 +110,17 @@ def test_run_interleaved_warms_up_then_goes_round_robin():
 
 def fake_report() -> dict:
     train = []
-    for peer, task, precision, layout, fused, fold, ips in [
-            ("ours", "seg", "fp32", "CL", True, "auto", 5.0), ("ours", "both", "fp32", "CL", True, "auto", 4.0),
-            ("ours", "seg", "bf16", "CL", False, "auto", 1.0),  # an ablation row: never a target's
-            ("ours", "seg", "bf16", "CL", True, "auto", 8.0), ("ours", "both", "bf16", "CL", True, "auto", 5.0),
-            ("ours", "seg", "bf16", "CL", True, "off", 6.4),  # the folds' ablation: a ratio of its own, no target
-            ("smp", "seg", "fp32", "NCHW", True, "auto", 4.0), ("smp", "seg", "bf16", "CL", True, "auto", 8.5)]:
+    for peer, task, precision, layout, fused, ips in [
+            ("ours", "seg", "fp32", "CL", True, 5.0), ("ours", "both", "fp32", "CL", True, 4.0),
+            ("ours", "seg", "bf16", "CL", False, 1.0),  # an ablation row: never a target's
+            ("ours", "seg", "bf16", "CL", True, 8.0), ("ours", "both", "bf16", "CL", True, 5.0),
+            ("smp", "seg", "fp32", "NCHW", True, 4.0), ("smp", "seg", "bf16", "CL", True, 8.5)]:
         train.append({"peer": peer, "task": task, "precision": precision, "layout": layout, "batch": 4, "side": 256,
-                      "compile": False, "fused_adam": fused, "keep_memory": True, "fold": fold, "folds_on": fold == "auto",
-                      "images_per_s": ips, "median_s": 4 / ips, "flops_per_s": 100.0 * ips})
+                      "compile": False, "fused_adam": fused, "images_per_s": ips, "median_s": 4 / ips,
+                      "flops_per_s": 100.0 * ips})
     peaks = [{"kind": "mm", "precision": p, "flops_per_s": v} for p, v in (("fp32", 500.0), ("bf16", 1000.0))]
-    infer = [{"model": m, "precision": p, "batch": 1, "side": 512, "median_s": t, "folds_on": on}
-             for m, t, on in (("exported seg-only", 1.02, True), ("single-decoder", 1.0, True),
-                              ("single-decoder --folds off", 1.1, False)) for p in ("fp32", "bf16")]
+    infer = [{"model": m, "precision": p, "batch": 1, "side": 512, "median_s": t}
+             for m, t in (("exported seg-only", 1.02), ("single-decoder", 1.0)) for p in ("fp32", "bf16")]
     data = [{"kind": "loader", "batch": 4, "side": 256, "images_per_s": 14.0}]
     return {"train": train, "peaks": peaks, "inference": infer, "data": data, "default_precision": "fp32"}
 
@@ -174,27 +148,17 @@ def test_targets_of_a_run_with_one_precision_leave_the_others_out():
     assert [r["precision"] for r in report.second_decoder(fake["train"])] == ["bf16"]
 
 
-def test_fold_gains_are_off_over_on_of_the_same_case():
-    got = {(g["case"], g["precision"]): g["off_over_on"] for g in report.fold_gains(fake_report())}
-    assert got == {("training step, seg-only 4x256", "bf16"): pytest.approx(8.0 / 6.4),
-                   ("inference, single-decoder 1x512", "fp32"): pytest.approx(1.1),
-                   ("inference, single-decoder 1x512", "bf16"): pytest.approx(1.1)}
-
-
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
-def test_the_default_run_covers_the_targets_and_both_fold_settings(device):
-    """The default run is a subset of the full sweep: one shape, ours at train.py's defaults and with the other
-    --folds (the per-device choice, models.speed), smp's default and fastest; the full sweep adds 2x512 and the
-    ablations (the allocator one on the CPU only, where train.py applies it)."""
+def test_the_default_run_covers_the_targets(device):
+    """The default run is a subset of the full sweep: one shape, ours at train.py's defaults, smp's default and
+    fastest; the full sweep adds 2x512 and the ablations."""
     default, full = ({s.name for p in ("fp32", "bf16") for s in training.train_specs(cfg, p, True, False, device)}
                      for cfg in (timing.DEFAULT, timing.FULL))
-    other = "off" if device == "cpu" else "on"
-    assert default == {f"{who} 4x256 {p} CL{extra}" for who in ("ours seg-only", "ours both")
-                       for p in ("fp32", "bf16") for extra in ("", f" --folds {other}")} | {
+    assert default == {f"{who} 4x256 {p} CL" for who in ("ours seg-only", "ours both") for p in ("fp32", "bf16")} | {
         "smp Unet(resnet50) 4x256 fp32 NCHW", "smp Unet(resnet50) + 2nd decoder 4x256 fp32 NCHW",
         "smp Unet(resnet50) 4x256 bf16 CL", "smp Unet(resnet50) + 2nd decoder 4x256 bf16 CL"}
     assert default < full and {s.split()[-1] for s in full - default} >= {"--no-fused-adam", "CL"}
-    assert any("2x512" in s for s in full) and any("--no-keep-freed-memory" in s for s in full) == (device == "cpu")
+    assert any("2x512" in s for s in full)
     assert timing.DEFAULT.infer_batches == (1,) and timing.FULL.infer_batches == (1, 8)
     for field in ("warmup", "steps", "rounds", "infer_reps"):  # the same repetitions: ratios comparable across the two
         assert getattr(timing.DEFAULT, field) == getattr(timing.FULL, field)
@@ -229,8 +193,7 @@ def test_quick_full_run_reports_every_row_and_the_bar_counts_every_step(tiny_voc
     rep = json.loads(out.read_text())
     names = [r["name"] for r in rep["train"]]
     expected = {f"ours {t} 2x64 {p} CL" for t in ("seg-only", "both") for p in ("fp32", "bf16")}
-    expected |= {f"ours seg-only 2x64 {p} CL --no-{flag}" for p in ("fp32", "bf16") for flag in ("fused-adam", "keep-freed-memory")}
-    expected |= {f"ours {t} 2x64 {p} CL --folds off" for t in ("seg-only", "both") for p in ("fp32", "bf16")}
+    expected |= {f"ours seg-only 2x64 {p} CL --no-fused-adam" for p in ("fp32", "bf16")}
     with_smp = "segmentation_models_pytorch" in rep["machine"]
     if with_smp:
         expected |= {"smp Unet(resnet18) 2x64 fp32 NCHW", "smp Unet(resnet18) 2x64 fp32 CL", "smp Unet(resnet18) 2x64 bf16 CL"}
@@ -240,14 +203,13 @@ def test_quick_full_run_reports_every_row_and_the_bar_counts_every_step(tiny_voc
     for row in rep["train"]:
         assert row["images_per_s"] > 0 and row["steps_timed"] == settings.steps
         assert row["flops_per_step"] == 3 * row["batch"] * row["forward_flops_per_image"]
-        assert row["folds_on"] == (row["peer"] == "ours" and row["fold"] == "auto")  # the CPU folds by default
     seg = {r["precision"]: r["forward_flops_per_image"] for r in rep["train"] if r["name"].startswith("ours seg-only")}
     assert seg["fp32"] == seg["bf16"] > 0
     assert {r["kind"] for r in rep["peaks"]} == {"mm", "conv"}
     mm = next(r for r in rep["peaks"] if r["kind"] == "mm")
     assert mm["flops_per_step"] == 2 * settings.mm_side**3
     models = {r["model"] for r in rep["inference"]}
-    assert {"exported seg-only", "single-decoder", "single-decoder --folds off"} <= models and len(models) == 3 + with_smp
+    assert {"exported seg-only", "single-decoder"} <= models and len(models) == 2 + with_smp
     assert len(rep["inference"]) == len(models) * 2 * len(settings.infer_batches)
     assert all(r["steps_timed"] == (3 if r["batch"] == 1 else 1) * settings.infer_reps for r in rep["inference"])
     assert [d["kind"] for d in rep["data"]] == ["loader", "end-to-end"] and all(d["images_per_s"] > 0 for d in rep["data"])
@@ -260,10 +222,8 @@ def test_quick_full_run_reports_every_row_and_the_bar_counts_every_step(tiny_voc
         assert [r["smp"] for r in rep["second_decoder"]] == [
             ips[f"smp Unet(resnet18) 2x64 {p} {lay}"] / ips[f"smp Unet(resnet18) + 2nd decoder 2x64 {p} {lay}"]
             for p, lay in (("fp32", "NCHW"), ("bf16", "CL"))]
-    assert len(rep["folds"]) == 2 * 2 + 2 * len(settings.infer_batches)  # 2 stages x 2 precisions; inference
     printed = capsys.readouterr()
     assert "| target | measured | goal | met |" in printed.out and "| shape | precision | ours | smp |" in printed.out
-    assert "| case | precision | off / on |" in printed.out
     total = (training.planned_steps(settings, with_smp, False, "cpu") + inference.planned_steps(settings, with_smp)
              + loading.planned_steps(settings))
     assert f"{total}/{total}" in printed.err and f"{total + 1}/" not in printed.err  # the bar ends at its total

@@ -17,15 +17,16 @@ from test_reliability import ENV, REPO, TINY, bad_label_value, ids_of, parse, sn
 import train
 from data.sampler import EpochSampler
 from models import load_model
-from models import checkpoint as ckpt
-from models.checkpoint import find_resume, publish
+from run_state import checkpoints as ckpt
+from run_state import find_resume, publish
+from run_state.faults import FAULT_ENV
 
 KILL_RUN = [*TINY, "--stage-epochs", "1,1,1", "--schedule", "d_s_b", "--copy-weights", "--deterministic",
             "--resume", "auto"]
 
 
 def run_cli(root, out, *extra, kill_at=None):
-    env = {**ENV, ckpt.FAULT_ENV: kill_at} if kill_at else ENV
+    env = {**ENV, FAULT_ENV: kill_at} if kill_at else ENV
     cmd = [sys.executable, str(REPO / "train.py"), "--data-root", str(root), "--output-dir", str(out), *extra]
     return subprocess.Popen(cmd, cwd=out.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -136,19 +137,19 @@ def test_publish_always_leaves_a_complete_checkpoint(tmp_path, monkeypatch):
 
 def test_nan_loss_stops_naming_where_and_keeps_last(tiny_voc, tmp_path, fresh_accelerate, monkeypatch):
     out = tmp_path / "run"
-    real = train.criterion
+    real = train.Criterion.__call__
     calls, before = [], {}
 
-    def poisoned(outputs, batch, weights, focal, joint=None):
-        loss, terms = real(outputs, batch, weights, focal, joint)
+    def poisoned(self, outputs, batch):
+        loss, terms = real(self, outputs, batch)
         calls.append(1)
         if len(calls) == 3:  # stage 1 (b), its 1st step; checkpoints were written after global steps 1 and 2
             before.update(snapshot(out / "checkpoints"))
             terms = {**terms, "seg": terms["seg"] * float("nan")}
-            loss = sum(weights[t] * terms[t] for t in terms)
+            loss = sum(self.weights[t] * terms[t] for t in terms)
         return loss, terms
 
-    monkeypatch.setattr(train, "criterion", poisoned)
+    monkeypatch.setattr(train.Criterion, "__call__", poisoned)
     # 2 steps per epoch; --log-every 100: only the check before the mid-epoch checkpoint can catch it
     args = parse(tiny_voc, out, "--schedule", "s_b", "--stage-epochs", "1", "--max-steps-per-epoch", "2",
                  "--checkpoint-every", "1", "--log-every", "100")

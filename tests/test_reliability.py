@@ -21,7 +21,7 @@ from data.checks import check_data
 from data.sampler import EpochSampler
 from data.voc import DataError
 from models import ModelConfig, build_model
-from models.checkpoint import CheckpointError
+from run_state import CheckpointError
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--encoder", "resnet18", "--crop-size", "64", "--base-size", "64", "--batch-size", "4", "--workers", "0",

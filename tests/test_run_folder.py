@@ -8,7 +8,7 @@ from test_reliability import bad_label_value, first_read, parse, snapshot, trunc
 
 import train
 from data.voc import DataError
-from models.checkpoint import CheckpointError
+from run_state import CheckpointError
 
 
 @pytest.fixture()

@@ -9,7 +9,7 @@ from accelerate import Accelerator
 import train
 from data import PRESETS
 from models import FocalLoss, ModelConfig, build_model, load_model
-from models.checkpoint import TrainState
+from run_state import TrainState
 from models.model import MultiDecoderModel
 from schedules import SCHEDULES, get_schedule
 
@@ -68,7 +68,10 @@ def test_decoder_outside_a_stage_is_bit_identical_and_gets_no_gradient(tiny_voc,
     stage = get_schedule("d_s_b", [1])[1]  # the "s" stage
     model, optimizer, train_dl, _ = train.setup_stage(accelerator, model, stage, args, *loaders)
     state = TrainState(steps_per_epoch=2)
-    train.train_one_epoch(model, optimizer, train_dl, accelerator, stage, FocalLoss(), state, args, lambda: None)
+    criterion = train.Criterion(FocalLoss(), stage.weights())
+    options = train.LoopOptions(args.lr, args.lr_schedule, args.warmup, args.log_every, 0, args.clip_grad_norm)
+    run = train.RunLog(accelerator, tmp_path / "run", {}, state, resumed=False)
+    train.train_one_epoch(model, criterion, optimizer, train_dl, accelerator, stage, state, run, options)
     m = accelerator.unwrap_model(model)
     after = m.state_dict()
     assert state.step == 2 and state.global_step == 2
@@ -97,7 +100,7 @@ def test_two_cpu_ranks_split_the_epoch_and_count_validation_once(tiny_voc, tmp_p
     _, val_loader = train.get_dataloaders(args, PRESETS["synthetic"], tiny_voc, True, 2, 64)
     model = load_model(out / "checkpoints" / "last").to(memory_format=torch.channels_last)
     model, val_loader = accelerator.prepare(model, val_loader)
-    single = train.evaluate(model, val_loader, accelerator, 21, ("seg", "depth"))
+    single, _ = train.evaluate(model, val_loader, accelerator, 21, ("seg", "depth"))
     assert ddp_confmat.sum() == torch.tensor(single["confusion_matrix"]).sum() == 7 * 64 * 64 - ddp_ignored(tiny_voc)
     assert torch.equal(ddp_confmat, torch.tensor(single["confusion_matrix"]))
 
@@ -129,17 +132,3 @@ def test_missing_pseudo_depth_fails_before_the_first_step(tiny_voc, tmp_path, fr
     assert not (out / "checkpoints").exists() and not (out / "log.jsonl").exists()
     train.main(parse(root, tmp_path / "seg_only", "--schedule", "s"))  # a seg-only schedule needs no depth
 
-
-def test_folds_flag_reaches_the_decoder(tiny_voc, tmp_path, fresh_accelerate, monkeypatch):
-    from models.decoder import DecoderBlock
-
-    seen, real = [], train.apply_folds
-
-    def spy(model, on):
-        real(model, on)
-        seen.append({b.fold for b in model.modules() if isinstance(b, DecoderBlock)})
-
-    monkeypatch.setattr(train, "apply_folds", spy)
-    train.main(parse(tiny_voc, tmp_path / "run", "--schedule", "s", "--folds", "off", "--stage-epochs", "1"))
-    assert seen == [{None}]  # smp's plain upsample + conv in every block
-    assert json.loads((tmp_path / "run" / "run_config.json").read_text())["folds"] == "off"

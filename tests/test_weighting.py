@@ -96,10 +96,9 @@ def test_uncertainty_weighting_resumes(tiny_voc, tmp_path, fresh_accelerate, mon
     seen = []
     real = train.train_one_epoch
 
-    def spy(*args, **kwargs):
-        joint = args[-1]
-        seen.append(joint.log_vars.detach().clone())
-        return real(*args, **kwargs)
+    def spy(model, criterion, *args, **kwargs):
+        seen.append(criterion.joint.log_vars.detach().clone())
+        return real(model, criterion, *args, **kwargs)
 
     monkeypatch.setattr(train, "train_one_epoch", spy)
     from accelerate.state import AcceleratorState, GradientState

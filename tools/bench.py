@@ -8,8 +8,7 @@
     python tools/bench.py --device cuda --precision bf16 --train-shapes 16x256,8x512   # what tools/gpu_check.py runs
 
 Training rows time the project's own step (train.train_step on a stage set up by train.setup_stage, with
-Accelerate's mixed precision) on fixed random batches, with train.py's defaults on this device (models.speed) and
-with the other --folds; smp's Unet runs in the loop a user writes (autocast, focal loss from cross entropy, PyTorch's
+Accelerate's mixed precision) on fixed random batches, with train.py's defaults; smp's Unet runs in the loop a user writes (autocast, focal loss from cross entropy, PyTorch's
 default Adam), also with a second smp decoder. The cases of one precision run interleaved, round by round (each round
 in a seeded random order), together with torch.mm, so that their ratios see the same machine load; every number is
 the median of the timed steps after warm-up. A progress bar (stderr) says what runs and how many of the run's steps
@@ -90,7 +89,6 @@ def main(args: argparse.Namespace) -> dict:
     out["machine"]["load_average_end"] = os.getloadavg()
     out["targets"] = report.targets(out)
     out["second_decoder"] = report.second_decoder(out["train"])
-    out["folds"] = report.fold_gains(out)
     print(report.render(out))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))

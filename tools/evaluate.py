@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from data import PRESETS, Preset, collate, get_transform, guess_dataset, prepare_root
 from data.visualize import colorize_label, denormalize, to_palette_png
 from data.voc import depth_fix_command
-from models.checkpoint import resolve_checkpoint
+from models.io import resolve_checkpoint
 from evaluation.inference import (BACKENDS, Predictor, load_config, load_predictor, onnx_file, predict_batch,
                                   predict_image)
 from evaluation.metrics import ConfusionMatrix, SegEvaluator

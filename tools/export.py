@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data import PRESETS  # noqa: E402
-from models.checkpoint import load_model, resolve_checkpoint, save_model  # noqa: E402
+from models.io import load_model, resolve_checkpoint, save_model  # noqa: E402
 from models.deploy import (  # noqa: E402
     ONNX_NAME, TORCHSCRIPT_NAME, SegLogits, check_parity, count_flops, count_params, export_onnx,
     export_torchscript, seg_only,
@@ -61,20 +61,17 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
 
 
 def cost_report(full, slim, size: tuple[int, int]) -> dict:
-    """Parameters and per-image FLOPs of the full (training) and exported model, printed and returned: the network's
-    FLOPs (as other tools count a UNet) and the executed ones (the decoder folds its upsamples: fewer)."""
+    """Parameters and per-image FLOPs of the full (training) and exported model, printed and returned."""
     report = {
         "flops_size": list(size),
         "params": {"full": count_params(full), "exported": count_params(slim)},
         "flops": {"full": count_flops(full, size), "exported": count_flops(slim, size)},
-        "flops_executed": {"full": count_flops(full, size, executed=True), "exported": count_flops(slim, size, executed=True)},
     }
-    header = f"{'':10s}{'tasks':>14s}{'parameters':>14s}{'GFLOPs':>10s}{'executed':>10s}"
-    print(f"{header}   (one {size[0]}x{size[1]} image; a multiply-add counts 2)")
+    print(f"{'':10s}{'tasks':>14s}{'parameters':>14s}{'GFLOPs':>10s}   (one {size[0]}x{size[1]} image; a multiply-add "
+          f"counts 2)")
     for name, model in (("full", full), ("exported", slim)):
         tasks = "+".join(model.tasks)
-        print(f"{name:10s}{tasks:>14s}{report['params'][name]:>14,d}{report['flops'][name] / 1e9:>10.2f}"
-              f"{report['flops_executed'][name] / 1e9:>10.2f}")
+        print(f"{name:10s}{tasks:>14s}{report['params'][name]:>14,d}{report['flops'][name] / 1e9:>10.2f}")
     return report
 
 
@@ -103,11 +100,10 @@ def check_out(out: Path, source: Path) -> None:
 
 
 def int8_settings(args: argparse.Namespace, source: Path) -> dict:
-    """What tools/quantize.export_int8 needs (but the check shapes), from the flags and the checkpoint's run."""
+    """What tools/quantize.export_int8 needs, from the flags and the checkpoint's run."""
     require_onnxruntime()
     dataset, root = find_dataset(source, args.dataset, args.data_root)
-    return {"exporter": args.onnx_exporter, "tol": args.onnx_tol, "dataset": dataset,
-            "data_root": root, "calibration_images": args.calibration_images,
+    return {"dataset": dataset, "data_root": root, "calibration_images": args.calibration_images,
             "calibration_method": args.calibration_method, "eval_images": args.eval_images,
             "latency_size": args.latency_size, "latency_runs": args.latency_runs, "threads": args.latency_threads}
 
@@ -138,7 +134,7 @@ def main(args: argparse.Namespace) -> None:
     (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2))
     failed = [r for r in rows if not r["ok"]]
     if args.int8 and not failed:
-        report["int8"] = export_int8(slim, tmp, {**int8, "check_shapes": shapes})
+        report["int8"] = export_int8(slim, tmp, int8)
         print_int8(report["int8"])
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2))
     if failed:

@@ -1,6 +1,6 @@
 """The GPU check, one script of at most 8 minutes: tools/bench.py on CUDA (bf16, 16x256 and 8x512 training, ours
-against smp's Unet if installed, --folds on and off) and a real bf16 training of the default run (synthetic set,
-schedule d_s_b with --copy-weights, --folds off, about 2 minutes or less). Writes everything to one Markdown file to
+against smp's Unet if installed) and a real bf16 training of the default run (synthetic set,
+schedule d_s_b with --copy-weights, about 2 minutes or less). Writes everything to one Markdown file to
 paste into BENCHMARKS.md ("On a GPU").
 
     python tools/gpu_check.py                          # on a GPU machine: bench-out/gpu_check/results.md
@@ -61,11 +61,11 @@ def bench_command(args: argparse.Namespace, out: Path) -> list[str]:
 
 
 def train_command(args: argparse.Namespace, run: Path, data_root: Path | None) -> list[str]:
-    """accelerate launch train.py --schedule d_s_b --copy-weights --mixed-precision bf16 --folds off, one process."""
+    """accelerate launch train.py --schedule d_s_b --copy-weights --mixed-precision bf16, one process."""
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
               "--mixed_precision", "bf16", "--dynamo_backend", "no"]
     cmd = [*launch, "train.py", "--schedule", "d_s_b", "--copy-weights", "--mixed-precision", "bf16",
-           "--output-dir", str(run), "--folds", "off"]
+           "--output-dir", str(run)]
     epochs = args.train_epochs or (1 if args.quick else None)  # None: the preset's
     max_steps = args.max_steps_per_epoch or (1 if args.quick else None)
     cmd += ["--stage-epochs", str(epochs)] if epochs else []

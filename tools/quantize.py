@@ -1,28 +1,18 @@
-"""INT8 export (tools/export.py --int8): ONNX Runtime static quantization of the seg model, calibrated on training
-images, and what it costs and gains: file size, batch-1 latency on this CPU and mIoU, each fp32 vs int8.
-
-The int8 model is quantized from a graph made for it (`Int8Ready`): every BatchNorm folded into its convolution and
-the decoder's upsample + skip + 3x3 convolution as plain Resize, Concat and Conv, which ONNX Runtime runs as int8
-operations end to end. model.onnx keeps the decoder's folds (models/decoder.py), faster in fp32, but its
-ConvTranspose, MatMul and remaining BatchNorm quantized ran 2.3x slower than this graph (batch 1, 96x96, one thread).
-This graph's fp32 form is checked against the eager model before it is quantized, as model.onnx is.
+"""INT8 export (tools/export.py --int8): ONNX Runtime static quantization of the exported seg model (model.onnx, whose
+BatchNorms the ONNX exporter folds into the convolutions), calibrated on training images, and what it costs and gains:
+file size, batch-1 latency on this CPU and mIoU, each fp32 vs int8.
 """
-import copy
 import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.fx.experimental.optimization import fuse
-from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torch import Tensor
 
 from data import PRESETS, get_transform
-from models.decoder import crop
 from models.deploy import (
-    INPUT_NAME, ONNX_INT8_NAME, ONNX_NAME, PARITY_SEED, export_onnx, onnx_session, parity_rows, run_onnx,
+    INPUT_NAME, ONNX_INT8_NAME, ONNX_NAME, PARITY_SEED,
 )
 from models.model import MultiDecoderModel
 
@@ -43,50 +33,6 @@ def require_onnxruntime():
     except ImportError as exc:
         raise ImportError(f"--int8 needs ONNX Runtime's quantization tools: {INSTALL_HINT}") from exc
     return onnxruntime
-
-
-class FusedBlock(nn.Module):
-    """A DecoderBlock as smp computes it, BatchNorm folded: conv3x3(cat(up(x), skip)) + ReLU, conv3x3 + ReLU. At odd
-    sizes the skip is zero-extended to the 2x grid and the result cropped to its size: the block's own rule."""
-
-    def __init__(self, block: nn.Module):
-        super().__init__()
-        self.conv1 = fuse_conv_bn_eval(block.conv1[0], block.conv1[1])
-        self.conv2 = fuse_conv_bn_eval(block.conv2[0], block.conv2[1])
-
-    def forward(self, x: Tensor, skip: Tensor | None, size: tuple[int, int]) -> Tensor:
-        x = F.interpolate(x, scale_factor=2.0, mode="nearest")  # (B, in, 2h, 2w)
-        if skip is not None:
-            skip = F.pad(skip, (0, x.shape[-1] - skip.shape[-1], 0, x.shape[-2] - skip.shape[-2]))
-            x = torch.cat([x, skip], 1)
-        x = crop(F.relu(self.conv1(x)), size)
-        return F.relu(self.conv2(x))
-
-
-class Int8Ready(nn.Module):
-    """The seg-only model as a graph that quantizes well: image (B, 3, H, W) -> logits (B, K, H, W), the same
-    function as models.deploy.SegLogits to float rounding, with no BatchNorm and no decoder fold."""
-
-    def __init__(self, model: MultiDecoderModel):
-        super().__init__()
-        model = copy.deepcopy(model).cpu().eval()
-        self.encoder = fuse(model.encoder)  # torch.fx: conv + BatchNorm pairs -> conv
-        self.blocks = nn.ModuleList(FusedBlock(b) for b in model.decoders["seg"].blocks)
-        self.head = model.heads["seg"]
-
-    def forward(self, image: Tensor) -> Tensor:
-        features = self.encoder(image)
-        x = features[-1]
-        skips = list(reversed(features[:-1])) + [None]
-        for block, skip in zip(self.blocks, skips):
-            x = block(x, skip, skip.shape[-2:] if skip is not None else image.shape[-2:])
-        return self.head(x)
-
-
-def check_int8_source(model: MultiDecoderModel, path: Path, shapes: list[tuple[int, ...]], tol: float) -> list[dict]:
-    """The fp32 graph to quantize vs the model's eager seg logits (compare's rows, backend "int8-source")."""
-    session = onnx_session(path)
-    return parity_rows(model, {"int8-source": (lambda x: run_onnx(session, x), tol)}, shapes)
 
 
 def find_dataset(source: Path, dataset: str | None, data_root: str | None) -> tuple[str, Path]:
@@ -227,34 +173,27 @@ def scores(runs: dict, dataset, num_classes: int) -> dict:
     return metrics
 
 
-def calibrate(model: MultiDecoderModel, folder: Path, settings: dict) -> dict:
-    """Export the graph to quantize (checked against the model), quantize it into folder/model_int8.onnx; returns
-    the settings and the check, for the report."""
-    src = folder / ".int8_source.onnx"  # the fp32 graph quantized; not shipped
-    export_onnx(Int8Ready(model), src, settings["exporter"])
-    parity = check_int8_source(model, src, settings["check_shapes"], settings["tol"])
-    if not all(r["ok"] for r in parity):
-        worst = max(parity, key=lambda r: r["rel_diff"])
-        raise RuntimeError(f"the fp32 graph made for quantization differs from the model (relative diff "
-                           f"{worst['rel_diff']:.3e} at {worst['shape']} > {worst['tol']:.0e}); no int8 model written")
+def calibrate(folder: Path, settings: dict) -> dict:
+    """Quantize folder/model.onnx (checked against the model by export) into folder/model_int8.onnx; returns the
+    settings, for the report."""
     split = PRESETS[settings["dataset"]].train_split
     train = open_split(settings["dataset"], settings["data_root"], split)
     n = min(settings["calibration_images"], len(train))
     start = time.perf_counter()
-    quant = quantize(src, folder / INT8_NAME, calibration_reader(train, n), settings["calibration_method"])
-    src.unlink()
+    quant = quantize(folder / ONNX_NAME, folder / INT8_NAME, calibration_reader(train, n),
+                     settings["calibration_method"])
     return {**quant, "calibration_split": split, "calibration_images": n, "data_root": str(settings["data_root"]),
-            "seconds": time.perf_counter() - start, "source_parity": parity}
+            "seconds": time.perf_counter() - start}
 
 
 def export_int8(model: MultiDecoderModel, folder: Path, settings: dict) -> dict:
     """Write folder/model_int8.onnx beside folder/model.onnx and return the export.json section on both. settings:
-    exporter, check_shapes, tol, dataset, data_root, calibration_images, calibration_method, eval_images,
+    dataset, data_root, calibration_images, calibration_method, eval_images,
     latency_size (None: the first eval image's), latency_runs, threads."""
     from evaluation.inference import onnx_predictor
     from tools.evaluate import get_dataset
 
-    quant = calibrate(model, folder, settings)
+    quant = calibrate(folder, settings)
     paths = {"fp32": folder / ONNX_NAME, "int8": folder / INT8_NAME}
     split = PRESETS[settings["dataset"]].val_split
     dataset, _, notes = get_dataset(settings["data_root"], split, model.config, settings["eval_images"],

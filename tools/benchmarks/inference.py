@@ -1,5 +1,5 @@
 """Inference latency: the exported seg-only model (export's weights file read back), the single-decoder model (with
-the device's --folds auto and with the other setting) and smp's Unet; eval, channels_last, inference_mode, timed in
+and smp's Unet; eval, channels_last, inference_mode, timed in
 shuffled interleaved rounds."""
 import tempfile
 from dataclasses import replace
@@ -10,23 +10,16 @@ import torch
 from tqdm.auto import tqdm
 
 from models import ModelConfig, build_model, load_model, save_model
-from models.decoder import DecoderBlock
 from models.deploy import forward_flops, seg_only
-from models.speed import apply_folds, use_folds
 from tools.benchmarks.timing import NUM_CLASSES, Case, Settings, make_batch, no_bar, run_interleaved
 
 
 def inference_models(settings: Settings, device: torch.device, with_smp: bool, tmp: Path) -> dict:
-    """name -> model in eval mode, channels_last, on the device; ours with the device's folds unless named."""
-    folds_on = use_folds(device.type)
+    """name -> model in eval mode, channels_last, on the device."""
     full = build_model(ModelConfig(encoder=settings.encoder, tasks=("seg", "depth")))
     save_model(seg_only(full), tmp / "exported")
     single = build_model(ModelConfig(encoder=settings.encoder, tasks=("seg",)))
-    other = build_model(ModelConfig(encoder=settings.encoder, tasks=("seg",)))
-    models = {"exported seg-only": load_model(tmp / "exported"), "single-decoder": single,
-              f"single-decoder --folds {'off' if folds_on else 'on'}": other}
-    for model in models.values():
-        apply_folds(model, folds_on if model is not other else not folds_on)
+    models = {"exported seg-only": load_model(tmp / "exported"), "single-decoder": single}
     if with_smp:
         import segmentation_models_pytorch as smp
 
@@ -44,8 +37,7 @@ def inference_cases(settings: Settings, device: torch.device, with_smp: bool, tm
             x = make_batch(b, settings.infer_side, device)["image"]
             for name, model in models.items():  # the models one after the other: compared under the same load
                 step = partial(infer_step, model, x, device, precision == "bf16")
-                meta = {"model": name, "precision": precision, "batch": b, "side": settings.infer_side,
-                        "folds_on": any(isinstance(m, DecoderBlock) and m.fold for m in model.modules())}
+                meta = {"model": name, "precision": precision, "batch": b, "side": settings.infer_side}
                 cases.append(Case(f"{name} {b}x{settings.infer_side} {precision}", step, b, per_image[name] * b, meta))
     return cases
 
@@ -57,7 +49,7 @@ def repetitions(settings: Settings, batch: int) -> int:
 
 def planned_steps(settings: Settings, with_smp: bool) -> int:
     """Forwards (warm-up included) that bench_inference runs: the progress bar's share of it."""
-    models = 3 + with_smp
+    models = 2 + with_smp
     return models * len(settings.precisions) * sum(1 + repetitions(settings, b) for b in settings.infer_batches)
 
 

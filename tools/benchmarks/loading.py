@@ -10,8 +10,7 @@ from tqdm.auto import tqdm
 import train
 from data import PRESETS, prepare_root
 from models import FocalLoss, ModelConfig, build_model
-from models.checkpoint import TrainState
-from models.speed import apply_folds, keep_freed_memory, use_folds, use_keep_freed_memory
+from run_state import TrainState
 from tools.benchmarks.timing import Settings, fresh_accelerator, no_bar, sync
 from tools.benchmarks.training import STAGES, train_defaults
 
@@ -53,24 +52,32 @@ def bench_loader(dataset: str, root: Path, batch: int, side: int, n_batches: int
             "side": side, "workers": targs.workers, "with_depth": need_depth, "images_per_s": images / seconds}
 
 
+class NoRunFolder:
+    """train_one_epoch's run folder, writing nothing: the bench times the loop, not the logging."""
+
+    def log(self, values: dict, step: int) -> None:
+        pass
+
+    def save(self, model, state, best: bool = False) -> None:
+        pass
+
+
 def bench_end_to_end(settings: Settings, dataset: str, root: Path, device: torch.device, precision: str, bar: tqdm) -> dict:
     """train.train_one_epoch fed by the real DataLoader: data loading and the step share the machine."""
     batch, side = settings.train_shapes[0]
     targs = train_defaults([], dataset)
-    if use_keep_freed_memory(device.type):
-        keep_freed_memory()  # as train.py's main does
     accelerator = fresh_accelerator(precision, device)
     loaders = train.get_dataloaders(targs, PRESETS[dataset], root, False, batch, side)
     model = build_model(ModelConfig(encoder=settings.encoder, tasks=("seg", "depth"))).to(memory_format=torch.channels_last)
-    apply_folds(model, use_folds(device.type))
     stage = STAGES["seg"]
     model, optimizer, train_dl, _ = train.setup_stage(accelerator, model, stage, targs, *loaders)
-    focal = FocalLoss(targs.focal_gamma)
+    criterion = train.Criterion(FocalLoss(targs.focal_gamma), stage.weights())
+    options = train.LoopOptions(targs.lr, targs.lr_schedule, targs.warmup, targs.log_every, 0, targs.clip_grad_norm)
     for epoch, steps in enumerate((settings.warmup, settings.e2e_steps)):
         train_dl.set_epoch(epoch)
         state = TrainState(steps_per_epoch=steps)
         tic = time.perf_counter()
-        train.train_one_epoch(model, optimizer, train_dl, accelerator, stage, focal, state, targs, lambda: None)
+        train.train_one_epoch(model, criterion, optimizer, train_dl, accelerator, stage, state, NoRunFolder(), options)
         sync(device)
         seconds = time.perf_counter() - tic
         bar.update(steps)

@@ -9,7 +9,6 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from models.speed import keep_freed_memory, use_keep_freed_memory
 from tools.benchmarks.timing import fresh_accelerator, no_bar, sync
 from tools.benchmarks.training import TrainSpec, build_train_case
 
@@ -37,8 +36,6 @@ def peak_memory(specs: list[TrainSpec], device: torch.device, parallel: int = 2,
 
 def memory_child(spec: TrainSpec, device: torch.device) -> None:
     """In the child: build the case, run two steps, print the peak (CUDA: allocated; CPU: resident set)."""
-    if spec.peer == "ours" and use_keep_freed_memory(device.type, spec.keep_memory):
-        keep_freed_memory()  # as train.py does
     before = rss_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # Linux: the peak (VmHWM) restarts from here, imports excluded
     accelerator = fresh_accelerator(spec.precision, device, spec.compile) if spec.peer == "ours" else None

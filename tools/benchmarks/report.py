@@ -7,7 +7,6 @@ from typing import Callable
 
 import torch
 
-from models.speed import use_folds
 from tools.benchmarks.training import DEFAULTS
 
 
@@ -77,35 +76,13 @@ def targets(report: dict) -> list[dict]:
     return sorted(out, key=lambda t: t["target"])
 
 
-def fold_gains(report: dict) -> list[dict]:
-    """Time with the folds off / time with them on, same run: our training steps at train.py's other defaults, and
-    the single-decoder model's inference latency."""
-    out, rows, infer = [], report["train"], report["inference"]
-    same = ("task", "precision", "layout", "batch", "side")
-    for r in rows:
-        if r["peer"] == "ours" and r["fold"] != "auto" and all(r[k] == v for k, v in DEFAULTS.items() if k != "fold"):
-            auto = pick(rows, peer="ours", **{k: r[k] for k in same}, **DEFAULTS)
-            if auto:
-                on, off = (auto, r) if auto["folds_on"] else (r, auto)
-                out.append({"case": f"training step, {'seg-only' if r['task'] == 'seg' else 'both'} {r['batch']}x{r['side']}",
-                            "precision": r["precision"], "off_over_on": off["median_s"] / on["median_s"]})
-    for r in infer:
-        if r["model"].startswith("single-decoder --folds"):
-            auto = pick(infer, model="single-decoder", precision=r["precision"], batch=r["batch"])
-            on, off = (auto, r) if auto["folds_on"] else (r, auto)
-            out.append({"case": f"inference, single-decoder {r['batch']}x{r['side']}", "precision": r["precision"],
-                        "off_over_on": off["median_s"] / on["median_s"]})
-    return out
-
-
 def machine_info(device: torch.device) -> dict:
     """What the numbers came from."""
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
     info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(), "device": device.type, "cpu_bf16": torch.cpu._is_avx512_bf16_supported(),
-            "cpu_amx": torch.cpu._is_amx_tile_supported(), "load_average_start": os.getloadavg(),
-            "folds_auto": use_folds(device.type)}
+            "cpu_amx": torch.cpu._is_amx_tile_supported(), "load_average_start": os.getloadavg()}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     try:
@@ -136,13 +113,12 @@ def render(report: dict) -> str:
     lines = [f"machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), device {m['device']}"
              f"{', ' + m['gpu'] if 'gpu' in m else ''}; torch {m['torch']}; load average {m['load_average_start'][0]:.2f} "
              f"at start, {m['load_average_end'][0]:.2f} at end; default precision of train.py here: {report['default_precision']}; "
-             f"--folds auto here: {'on' if m['folds_auto'] else 'off'}; command: {report['command']}; "
+             f"command: {report['command']}; "
              f"seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in report["seconds"].items()),
-             "", "Training step (fixed batches; FLOP/s = 3x the network's forward FLOPs per second; executed: what our "
-             "decoder computes, fewer where it folds):", "",
-             table(["case", "img/s", "ms/step", "GFLOP/img fwd", "executed", "GFLOP/s", "% of mm peak", "peak MiB"],
+             "", "Training step (fixed batches; FLOP/s = 3x the network's forward FLOPs per second):", "",
+             table(["case", "img/s", "ms/step", "GFLOP/img fwd", "GFLOP/s", "% of mm peak", "peak MiB"],
                    [[r["name"], r["images_per_s"], 1e3 * r["median_s"], r["forward_flops_per_image"] / 1e9,
-                     r["executed_forward_flops_per_image"] / 1e9, r["flops_per_s"] / 1e9,
+                     r["flops_per_s"] / 1e9,
                      100 * r["flops_per_s"] / mm[r["precision"]], r.get("peak_mib", "-")] for r in report["train"]]),
              "", "Hardware references, same run:", "",
              table(["operation", "GFLOP/s", "ms"], [[r["name"], r["flops_per_s"] / 1e9, 1e3 * r["median_s"]] for r in report["peaks"]]),
@@ -159,10 +135,6 @@ def render(report: dict) -> str:
         lines += ["", "What a second decoder costs (both-stage step time / seg-only step time), ours and smp's:", "",
                   table(["shape", "precision", "ours", "smp"],
                         [[r["shape"], r["precision"], ratio(r["ours"]), ratio(r["smp"])] for r in report["second_decoder"]])]
-    if report.get("folds"):
-        lines += ["", "What the folds buy (step or latency with --folds off / with --folds on; > 1: the folds are faster):",
-                  "", table(["case", "precision", "off / on"],
-                            [[r["case"], r["precision"], ratio(r["off_over_on"])] for r in report["folds"]])]
     if m["device"] == "cpu":
         lines += ["", "No GPU in this run: the GPU rows are missing, not zero."]
     return "\n".join(lines)

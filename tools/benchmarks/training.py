@@ -16,14 +16,13 @@ import train
 from data import PRESETS
 from models import FocalLoss, ModelConfig, build_model
 from models.deploy import forward_flops
-from models.speed import apply_folds, keep_freed_memory, use_folds, use_keep_freed_memory
 from schedules import both, semantic
 from tools.benchmarks.peer import smp_model, smp_step
 from tools.benchmarks.timing import (Case, Settings, fresh_accelerator, make_batch, no_bar,
                                      peak_cases, round_order, run_round, steps_per_case, warm_up)
 
 STAGES = {"seg": semantic(epochs=1), "both": both(epochs=1)}
-DEFAULTS = dict(compile=False, fused_adam=True, keep_memory=True, fold="auto")  # train.py's; other values: ablations
+DEFAULTS = dict(compile=False, fused_adam=True)  # train.py's; other values: ablations
 
 
 @dataclass(frozen=True)
@@ -39,20 +38,17 @@ class TrainSpec:
     encoder: str
     compile: bool = False
     fused_adam: bool = True  # ours only: train.py's --fused-adam (the default) or --no-fused-adam
-    keep_memory: bool = True  # ours only: train.py's --keep-freed-memory (the default) or --no-keep-freed-memory
-    fold: str = "auto"  # ours only: train.py's --folds (models.speed.use_folds: auto = on where measured faster)
 
     @property
     def process(self) -> str:
-        """Which bench process runs it: the allocator setting of train.py is process-wide."""
-        return "peer" if self.peer == "smp" else "ours" if self.keep_memory else "ours, default allocator"
+        """Which bench process runs it."""
+        return "peer" if self.peer == "smp" else "ours"
 
     @property
     def name(self) -> str:
         who = (f"ours {'seg-only' if self.task == 'seg' else 'both'}" if self.peer == "ours"
                else f"smp Unet({self.encoder})" + (" + 2nd decoder" if self.task == "both" else ""))
         extra = (" compiled" if self.compile else "") + ("" if self.fused_adam else " --no-fused-adam")
-        extra += ("" if self.keep_memory else " --no-keep-freed-memory") + ("" if self.fold == "auto" else f" --folds {self.fold}")
         return f"{who} {self.batch}x{self.side} {self.precision} {self.layout}{extra}"
 
 
@@ -72,18 +68,17 @@ def build_train_case(spec: TrainSpec, device: torch.device, accelerator: Acceler
     """The project's step (train.train_step after train.setup_stage) or smp's Unet in a plain loop; FLOPs if `count`."""
     batch = make_batch(spec.batch, spec.side, device)
     key = replace(spec, batch=0, side=0)  # one model (and optimizer) per key, shared by the batch sizes
-    folds_on = spec.peer == "ours" and use_folds(device.type, spec.fold)
     if spec.peer == "ours":
         targs = train_defaults([] if spec.fused_adam else ["--no-fused-adam"])
         stage = STAGES[spec.task]
         if key not in cache:
             model = build_model(ModelConfig(encoder=spec.encoder, tasks=("seg", "depth"))).to(memory_format=torch.channels_last)
-            apply_folds(model, folds_on)
             cache[key] = train.setup_stage(accelerator, model, stage, targs, None, None)[:2]
         model, optimizer = cache[key]
         counted = partial(forward_flops, accelerator.unwrap_model(model), tasks=stage.tasks)
-        step = partial(train.train_step, model, optimizer, batch, accelerator, stage.tasks, stage.weights(),
-                       FocalLoss(targs.focal_gamma), targs.clip_grad_norm)
+        criterion = train.Criterion(FocalLoss(targs.focal_gamma), stage.weights())
+        step = partial(train.train_step, model, criterion, optimizer, batch, accelerator, stage.tasks,
+                       targs.clip_grad_norm)
     else:
         if key not in cache:
             cache[key] = smp_model(spec.encoder, spec.task, spec.layout, spec.compile, device)
@@ -92,26 +87,20 @@ def build_train_case(spec: TrainSpec, device: torch.device, accelerator: Acceler
             batch["image"] = batch["image"].contiguous()
         counted = partial(forward_flops, getattr(model, "_orig_mod", model))
         step = partial(smp_step, model, optimizer, batch, device, spec.precision == "bf16")
-    flops_key = ("flops", spec.peer, spec.task, spec.side, folds_on)  # the same for every precision and batch
+    flops_key = ("flops", spec.peer, spec.task, spec.side)  # the same for every precision and batch
     if flops_key not in cache:
-        cache[flops_key] = (counted(batch["image"][:1]), counted(batch["image"][:1], executed=True)) if count else (0, 0)
-    per_image, executed = cache[flops_key]
-    return Case(spec.name, step, spec.batch, 3 * per_image * spec.batch,
-                {**asdict(spec), "folds_on": folds_on, "forward_flops_per_image": per_image,
-                 "executed_forward_flops_per_image": executed})
+        cache[flops_key] = counted(batch["image"][:1]) if count else 0
+    per_image = cache[flops_key]
+    return Case(spec.name, step, spec.batch, 3 * per_image * spec.batch, {**asdict(spec), "forward_flops_per_image": per_image})
 
 
 def train_specs(settings: Settings, precision: str, with_smp: bool, compile: bool, device_type: str) -> list[TrainSpec]:
-    """Ours (seg-only and both stages, with train.py's defaults and with the other --folds) and, when installed, smp:
-    fp32 NCHW (its default) and bf16 channels_last (its fastest). settings.ablations adds what fused Adam, the
-    allocator setting (CPU) and, for smp, channels_last at fp32 buy."""
+    """Ours (seg-only and both stages, with train.py's defaults) and, when installed, smp: fp32 NCHW (its default)
+    and bf16 channels_last (its fastest). settings.ablations adds what fused Adam and, for smp, channels_last at fp32
+    buy."""
     specs, enc = [], settings.encoder
-    other_fold = "off" if use_folds(device_type) else "on"
     for i, (b, s) in enumerate(settings.train_shapes):
         specs += [TrainSpec("ours", t, precision, "CL", b, s, enc) for t in STAGES]
-        if settings.ablations and use_keep_freed_memory(device_type):
-            specs.append(TrainSpec("ours", "seg", precision, "CL", b, s, enc, keep_memory=False))
-        specs += [TrainSpec("ours", t, precision, "CL", b, s, enc, fold=other_fold) for t in STAGES]
         if settings.ablations and i == 0:
             specs.append(TrainSpec("ours", "seg", precision, "CL", b, s, enc, fused_adam=False))
         if with_smp:
@@ -202,8 +191,6 @@ def phase_worker(conn, side: str, settings: Settings, precision: str, device_typ
 
 def build_side(side: str, settings: Settings, precision: str, device: torch.device, with_smp: bool, compile: bool) -> list[Case]:
     """The cases of one bench process (ours after train.py's allocator setting); the peer's also times the hardware."""
-    if side == "ours" and use_keep_freed_memory(device.type):
-        keep_freed_memory()
     cache = {}
     specs = [s for s in train_specs(settings, precision, with_smp, compile, device.type) if s.process == side]
     cases = [build_train_case(s, device, accelerators(precision, device, s.compile, cache) if s.peer == "ours" else None, cache)
