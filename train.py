@@ -19,36 +19,51 @@ from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, se
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from data import PRESETS, DataError, collate, get_transform, prepare_root
+from data import PRESETS, DataError, TrainPool, collate, get_transform, prepare_root
 from data.checks import check_data, skip_bad
-from data.sampler import EpochSampler, SeededDataset
+from data.pools import StagePlan, describe_images, images_record, plan_stage
+from data.sampler import SeededDataset, StreamSampler
 from data.visualize import log_images
 from evaluation.inference import predict_batch, torch_predictor
 from evaluation.metrics import SegEvaluator
 from models import FocalLoss, ModelConfig, build_model, depth_loss
+from models.weighting import WEIGHTINGS, build_weighting, for_stage, trainable_params
 from run_state import (CheckpointError, RunLog, TrainState, fault_point, find_resume, load_extra, read_checkpoint,
                        refuse_overwrite)
-from models.weighting import WEIGHTINGS, build_weighting, for_stage, trainable_params
+from run_state.loss_watch import LossWatch, NonFiniteLossError
+from run_state.prefixes import PrefixStore, keep_prefix, prefix_keys, start_from_prefix
 from schedules import SCHEDULES, copy_plan, get_schedule, lr_factor, schedule_tasks
 
 
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN/inf loss; the last checkpoint on disk is the last good state."""
-
-
-def get_dataloaders(args, preset, root: Path, need_depth: bool, batch_size: int, crop: int, accelerator=None):
-    """Train loader (deterministic order and augmentation) and val loader (original resolution)."""
+def get_datasets(args, preset, root: Path, need_depth: bool, accelerator=None):
+    """The training pool (the labelled split, and the depth-only images of --depth-only when a stage trains depth), the
+    val split, and the choice of depth-only images (None without them)."""
     check = not args.skip_bad_samples  # header checks raise on the first bad file; skipping decodes all up front
-    train_set = preset.open(root, preset.train_split, get_transform(True, args.base_size, crop), need_depth, check=check)
+    train_transform = get_transform(True, args.base_size, args.crop_size)
+    labelled = preset.open(root, args.train_split, train_transform, need_depth, check=check)
     val_set = preset.open(root, preset.val_split, get_transform(False, 0, 0), need_depth, check=check)
+    depth_only, choice = None, None
+    if args.depth_only != "none" and not need_depth:
+        print(f"--depth-only {args.depth_only}: schedule {args.schedule} trains no depth decoder; no depth-only images used")
+    elif args.depth_only != "none":
+        depth_only, choice = preset.open_depth_only(root, args.depth_only, labelled.ids, val_set.ids,
+                                                    args.depth_only_val, train_transform, check=check)
     if args.skip_bad_samples:
-        skip_bad([train_set, val_set], args.workers, accelerator)
-    common = dict(num_workers=args.workers, collate_fn=collate, pin_memory=torch.cuda.is_available(),
-                  persistent_workers=args.workers > 0)
-    train_loader = DataLoader(SeededDataset(train_set, args.seed), batch_size=batch_size,
-                              sampler=EpochSampler(len(train_set), args.seed), drop_last=True, **common)
-    val_loader = DataLoader(val_set, batch_size=args.val_batch_size, shuffle=False, **common)
-    return train_loader, val_loader
+        skip_bad([ds for ds in (labelled, val_set, depth_only) if ds is not None], args.workers, accelerator)
+    return TrainPool(labelled, depth_only), val_set, choice
+
+
+def get_loader(dataset, args, **kwargs) -> DataLoader:
+    """A DataLoader with the run's workers and collate (train: a StreamSampler's deterministic order and augmentation)."""
+    return DataLoader(dataset, num_workers=args.workers, collate_fn=collate, pin_memory=torch.cuda.is_available(),
+                      persistent_workers=args.workers > 0, **kwargs)
+
+
+def get_train_loader(pool: TrainPool, plan: StagePlan, args, processes: int) -> DataLoader:
+    """The stage's batches: its streams (data/pools.py) in rounds, each sample augmented under its own seed."""
+    sampler = StreamSampler(plan.streams, args.seed, plan.rounds, processes)
+    return get_loader(SeededDataset(pool, args.seed), args, batch_size=sampler.batch_size, sampler=sampler,
+                      drop_last=True)
 
 
 class Criterion:
@@ -104,37 +119,6 @@ def train_step(model, criterion, optimizer, batch, accelerator, tasks, clip_grad
     return loss, terms
 
 
-class LossWatch:
-    """Remembers on the device (no host sync per step) the first step whose loss or a loss term was not finite."""
-
-    def __init__(self, terms: tuple[str, ...], device):
-        self.names = (*terms, "loss")
-        self.step = torch.full((), -1, dtype=torch.long, device=device)  # its global step; -1: none so far
-        self.values = torch.zeros(len(self.names), device=device)
-
-    def update(self, terms: dict, loss: torch.Tensor, global_step: int) -> None:
-        values = torch.stack([*(terms[t].detach().float() for t in self.names[:-1]), loss.detach().float()])
-        first = (self.step < 0) & ~torch.isfinite(values).all()
-        self.step = torch.where(first, global_step, self.step)
-        self.values = torch.where(first, values, self.values)
-
-    def check(self, accelerator, state: TrainState, stage) -> None:
-        """Raise on every process if any saw a non-finite loss (one gather), naming where and each term."""
-        steps = accelerator.gather(self.step[None]).cpu()  # (processes,)
-        if (steps < 0).all():
-            return
-        rank = int(torch.where(steps < 0, steps.max() + 1, steps).argmin())
-        values = accelerator.gather(self.values[None]).cpu()[rank]
-        bad = int(steps[rank])
-        where = f", process {rank}" if accelerator.num_processes > 1 else ""
-        raise NonFiniteLossError(
-            f"non-finite loss at stage {state.stage} ({stage.name}), epoch {state.epoch}, step "
-            f"{state.step - (state.global_step - bad)} of {state.steps_per_epoch} (global step {bad}{where}): "
-            + ", ".join(f"{n}={v:.4g}" for n, v in zip(self.names, values.tolist()))
-            + ". The last checkpoint on disk is the last good state; lower --lr or set --clip-grad-norm and resume."
-        )
-
-
 @dataclass(frozen=True)
 class LoopOptions:
     """What train_one_epoch reads besides the stage: the learning rate's shape and how often to log and checkpoint."""
@@ -147,12 +131,12 @@ class LoopOptions:
     clip_grad_norm: float
 
 
-def train_one_epoch(model, criterion: Criterion, optimizer, loader, accelerator, stage, state: TrainState,
+def train_one_epoch(model, criterion: Criterion, optimizer, loader, accelerator, plan: StagePlan, state: TrainState,
                     run: RunLog, options: LoopOptions) -> dict:
-    """One pass over the (remaining) batches of an epoch, logging every options.log_every steps and checkpointing
-    every options.checkpoint_every; returns the epoch's average losses (and joint weights)."""
+    """The (remaining) batches of a round (an epoch, or --val-every steps), logging every options.log_every steps and
+    checkpointing every options.checkpoint_every; returns the round's average losses (and joint weights)."""
     model.train()
-    total_steps = state.steps_per_epoch * stage.epochs
+    stage = plan.stage
     logged = (*criterion.weights, "loss", *criterion.logged_weights(accelerator))
     # loss sums so far this epoch: restored from a mid-epoch checkpoint, so the epoch's averages come out the same
     running = {t: torch.tensor(state.sums.get(t, 0.0), device=accelerator.device) for t in logged}
@@ -163,8 +147,7 @@ def train_one_epoch(model, criterion: Criterion, optimizer, loader, accelerator,
     for batch in loader:
         if state.step >= state.steps_per_epoch:
             break
-        progress = (state.epoch * state.steps_per_epoch + state.step) / total_steps
-        lr = options.lr * lr_factor(progress, options.lr_schedule, options.warmup)
+        lr = options.lr * lr_factor(plan.progress(state.epoch, state.step), options.lr_schedule, options.warmup)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         effective = criterion.logged_weights(accelerator)  # the weights this step uses
@@ -224,7 +207,7 @@ def run_data_checks(args, preset) -> dict:
     tasks = schedule_tasks(get_schedule(args.schedule, args.stage_epochs, preset.epochs))
     print(f"checking for schedule {args.schedule} " + ("(needs pseudo depth: pass --schedule s to check a seg-only run)"
                                                        if "depth" in tasks else "(needs no pseudo depth)"))
-    report, errors = check_data(root, [preset.train_split, preset.val_split], "depth" in tasks, preset.for_root(root),
+    report, errors = check_data(root, [args.train_split, preset.val_split], "depth" in tasks, preset.for_root(root),
                                 args.workers)
     print(report)
     return {"errors": errors}
@@ -249,7 +232,7 @@ def main(args):
     )
     set_seed(args.seed, device_specific=True)
     out = Path(args.output_dir)
-    stages = get_schedule(args.schedule, args.stage_epochs, preset.epochs, joint_weights=args.loss_weights)
+    stages = get_schedule(args.schedule, args.stage_epochs, preset.epochs, args.loss_weights, args.stage_steps)
     tasks = schedule_tasks(stages)
     copies = copy_plan(stages) if args.copy_weights else {}
     if args.copy_weights and not copies:
@@ -257,16 +240,24 @@ def main(args):
     with accelerator.main_process_first():
         root = prepare_root(args.dataset, args.data_root)
     preset = preset.for_root(root)  # a folder's classes.txt: its number of classes, names and colours
-    train_loader, val_loader = get_dataloaders(args, preset, root, "depth" in tasks, args.batch_size, args.crop_size,
-                                               accelerator)
-    skipped = {ds.split: len(ds.skipped) for ds in (train_loader.dataset.dataset, val_loader.dataset)}
+    pool, val_set, depth_only = get_datasets(args, preset, root, "depth" in tasks, accelerator)
+    plans = [plan_stage(pool, stage, i, args.batch_size, args.depth_only_fraction, accelerator.num_processes,
+                        args.val_every, args.max_steps_per_epoch) for i, stage in enumerate(stages)]
+    val_loader = get_loader(val_set, args, batch_size=args.val_batch_size, shuffle=False)
+    datasets = [d for d in (pool.labelled, val_set, pool.depth_only) if d is not None]
+    skipped = {ds.split: len(ds.skipped) for ds in datasets}
     config = ModelConfig(encoder=args.encoder, tasks=tasks, num_classes=preset.num_classes,
                          class_names=preset.class_names, palette=preset.palette)
     model = build_model(config, args.encoder_weights).to(memory_format=torch.channels_last)
     focal = FocalLoss(args.focal_gamma)
     options = LoopOptions(args.lr, args.lr_schedule, args.warmup, args.log_every, args.checkpoint_every,
                           args.clip_grad_norm)
-    run_config = {**vars(args), "data_root": str(root), "stages": [asdict(s) for s in stages], "model": asdict(config), "world_size": accelerator.num_processes}
+    images = images_record(args.train_split, args.depth_only, args.depth_only_val, pool, val_set, depth_only, plans)
+    accelerator.print(describe_images(images) + "\n" + "\n".join(p.describe(i, pool) for i, p in enumerate(plans)))
+    run_config = {**vars(args), "data_root": str(root), "stages": [asdict(s) for s in stages], "model": asdict(config),
+                  "world_size": accelerator.num_processes, "images": images}
+    store = PrefixStore(args.reuse_prefixes) if args.reuse_prefixes else None
+    keys = prefix_keys(vars(args), plans, pool.ids(), asdict(config), copies, accelerator.num_processes)
 
     state = TrainState(schedule=args.schedule)
     weighting = build_weighting(args.joint_weighting, tasks, args.dwa_temperature)  # None: the paper's fixed weights
@@ -277,15 +268,20 @@ def main(args):
         state = read_checkpoint(resume, model, args.schedule)
     else:
         refuse_overwrite(out, args.resume)
-        if args.resume == "auto":
+        if store is not None and (reused := start_from_prefix(accelerator, store, keys, out, args.schedule)):
+            run_config["reused_prefix"] = reused
+            resume = find_resume("auto", out)
+            state = read_checkpoint(resume, model, args.schedule)
+        elif args.resume == "auto":
             accelerator.print(f"--resume auto: no checkpoint in {out / 'checkpoints'}, starting from scratch")
     run = RunLog(accelerator, out, run_config, state, resumed=resume is not None, extra=extra)  # writes nothing yet
     metrics = {}
     while state.stage < len(stages):
-        stage = stages[state.stage]
+        stage, plan = stages[state.stage], plans[state.stage]
         if state.epoch == 0 and state.step == 0 and state.stage in copies:  # once: at a stage's very start
             copy_weights(accelerator, model, *copies[state.stage], f"stage {state.stage} ({stage.name})", out)
-        model, optimizer, train_dl, val_dl = setup_stage(accelerator, model, stage, args, train_loader, val_loader, weighting)
+        loader = get_train_loader(pool, plan, args, accelerator.num_processes)
+        model, optimizer, train_dl, val_dl = setup_stage(accelerator, model, stage, args, loader, val_loader, weighting)
         joint = for_stage(weighting, stage.tasks, accelerator)  # before load_state: a prepared one is in the checkpoint
         criterion = Criterion(focal, stage.weights(), joint)
         if resume is not None:
@@ -293,14 +289,13 @@ def main(args):
             load_extra(resume, extra)
             accelerator.print(f"resumed from {resume} at stage {state.stage}, epoch {state.epoch}, step {state.step}")
             resume = None
-        state.set_steps_per_epoch(min(len(train_dl), args.max_steps_per_epoch or len(train_dl)))
-        while state.epoch < stage.epochs:
-            epoch_key = sum(s.epochs for s in stages[: state.stage]) + state.epoch
-            train_dl.set_epoch(epoch_key)
+        while state.epoch < len(plan.rounds):
+            state.set_steps_per_epoch(plan.rounds[state.epoch])
+            train_dl.set_epoch(state.epoch)  # the round's window of the stage's batches
             loader = accelerator.skip_first_batches(train_dl, state.step) if state.step else train_dl
             if state.step:
-                loader.set_epoch(epoch_key)
-            losses = train_one_epoch(model, criterion, optimizer, loader, accelerator, stage, state, run, options)
+                loader.set_epoch(state.epoch)
+            losses = train_one_epoch(model, criterion, optimizer, loader, accelerator, plan, state, run, options)
             metrics, shown = evaluate(model, val_dl, accelerator, preset.num_classes, tasks, preset.metric_options())
             run.open()  # an epoch trained and validated: the run starts writing into its folder
             if shown is not None:  # the first validation batch, for TensorBoard
@@ -316,19 +311,20 @@ def main(args):
                 "stage": state.stage, "stage_name": stage.name, "epoch": state.epoch, "global_step": state.global_step,
                 "steps": state.steps_per_epoch, "world_size": accelerator.num_processes, "skipped_samples": skipped,
                 "train": losses, "val": {k: v for k, v in metrics.items() if k != "confusion_matrix"}})
-            if state.stage == len(stages) - 1 and state.epoch == stage.epochs - 1:
+            if state.stage == len(stages) - 1 and state.epoch == len(plan.rounds) - 1:
                 # before the checkpoint that marks the run finished, so a finished run always has it
                 run.final_metrics({**metrics, "best_mIoU": state.best_miou})
             state.epoch_done()
             run.save(model, state, best=is_best)
+        if store is not None and state.stage < len(stages) - 1:
+            keep_prefix(accelerator, store, keys[state.stage], out, state.stage)
         state.stage_done()
         fault_point("stage")
     if sum(skipped.values()):
         accelerator.print(f"--skip-bad-samples: skipped {sum(skipped.values())} bad samples ("
                           + ", ".join(f"{k}: {v}" for k, v in skipped.items()) + f"); list in {out / 'skipped_samples.txt'}")
         if accelerator.is_main_process:
-            (out / "skipped_samples.txt").write_text("".join(f"{m}\n" for ds in (train_loader.dataset.dataset,
-                                                                              val_loader.dataset) for m in ds.skipped))
+            (out / "skipped_samples.txt").write_text("".join(f"{m}\n" for ds in datasets for m in ds.skipped))
     if not metrics:
         accelerator.print(f"{out}: the run had already finished; nothing trained, metrics.json kept")
     accelerator.end_training()
@@ -345,8 +341,24 @@ def get_args_parser():
                    "d = depth decoder, b = both (README, 'Schedules')")
     p.add_argument("--copy-weights", action="store_true", help="copy the first-trained decoder into the next one (not the head)")
     p.add_argument("--stage-epochs", type=parse_int_list, default=None, help="E or E1,E2,... (default: the dataset preset's)")
+    p.add_argument("--stage-steps", type=parse_int_list, default=None,
+                   help="S or S1,S2,...: stage lengths in optimizer steps instead of epochs (a depth pool many times "
+                        "the labelled set); each stage validates every --val-every steps")
+    p.add_argument("--val-every", type=int, default=None,
+                   help="with --stage-steps: steps between validations (and checkpoints); default: a tenth of the stage")
     p.add_argument("--dataset", default="synthetic", choices=sorted(PRESETS), help="dataset preset")
     p.add_argument("--data-root", default=None, help="dataset folder (default: the preset's; synthetic is generated there)")
+    p.add_argument("--train-split", default=None,
+                   help="the labelled training split: a name in ImageSets/Segmentation/ (VOC: train_aug reads SBD's "
+                        "SegmentationClassAug/; tools/make_subsets.py writes train_n25 ...) or a .txt file of ids "
+                        "(default: the preset's, train)")
+    p.add_argument("--depth-only", default="none",
+                   help="images that train depth without a label: none; rest (every image outside the labelled and "
+                        "val splits: VOC's JPEGImages/, Cityscapes' train + train_extra); or a split name / .txt of ids")
+    p.add_argument("--depth-only-val", action="store_true",
+                   help="let val images be depth-only images too (default: they are left out)")
+    p.add_argument("--depth-only-fraction", type=float, default=0.5,
+                   help="share of each b-stage batch drawn from the depth-only images (at least one image of each kind)")
     p.add_argument("--encoder", default=None, choices=["resnet18", "resnet34", "resnet50", "resnet101"],
                    help="ResNet encoder (default: the preset's; voc: resnet50 as in the paper, synthetic: resnet18)")
     p.add_argument("--encoder-weights", default=None, help="imagenet | none | PATH (default: the preset's)")
@@ -379,6 +391,9 @@ def get_args_parser():
     p.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (0: epoch ends only)")
     p.add_argument("--output-dir", default="runs/latest", help="run folder: TensorBoard, log.jsonl, metrics.json, checkpoints")
     p.add_argument("--resume", default=None, help="auto (the run folder's last checkpoint, if any) or a checkpoint PATH")
+    p.add_argument("--reuse-prefixes", default=None, metavar="DIR",
+                   help="a store of finished stage prefixes: start from one that matches this run up to its end, "
+                        "store the ones this run finishes (run_state/prefixes.py; tools/run_tables.py uses it)")
     p.add_argument("--check-data", action="store_true", help="decode and check every sample, print a report, train nothing")
     p.add_argument("--skip-bad-samples", action="store_true", help="drop samples that fail the checks (logged, counted) "
                    "instead of stopping; decodes the whole dataset up front")

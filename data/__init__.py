@@ -10,8 +10,11 @@ from torch.utils.data import Dataset
 from data import cityscapes
 from data.cityscapes import CityscapesSegmentation, resolve_cityscapes_root
 from data.folder import CLASSES_FILE, read_classes
+from data.pools import (DepthOnlyChoice, DepthOnlyImages, TrainPool, choose_depth_only, open_depth_only,
+                        voc_fix_command, voc_images)
 from data.transforms import collate, get_transform
-from data.voc import IGNORE_INDEX, VOC_CLASSES, VOC_COLOURS, DataError, Depth, VOCSegmentation, resolve_voc_root
+from data.voc import (IGNORE_INDEX, VOC_CLASSES, VOC_COLOURS, DataError, Depth, VOCSegmentation, depth_fix_command,
+                      resolve_voc_root)
 
 READERS = ("voc", "folder", "cityscapes")
 
@@ -78,10 +81,28 @@ class Preset:
             return CityscapesSegmentation(root, split, transforms, with_depth, check)
         return VOCSegmentation(root, split, transforms, with_depth, self.for_root(root).num_classes, check)
 
+    def open_depth_only(self, root: str | Path, spec: str, labelled: list[str], val: list[str], with_val: bool = False,
+                        transforms=None, check: bool = True) -> tuple[DepthOnlyImages, DepthOnlyChoice]:
+        """The depth-only images of `--depth-only spec` (data/pools.py): none of the labelled ids, and none of the val
+        ids unless with_val; DataError when none is left or one has no image or no pseudo depth."""
+        if self.reader == "cityscapes":
+            root = resolve_cityscapes_root(root)
+            images = cityscapes.depth_only_images(root, spec)
+            fix = (f"python -c \"from data.cityscapes import add_depth_view; add_depth_view('{root}', ('train', "
+                   f"'val', 'train_extra'))\"\n  {depth_fix_command(root, 'trainval')}")
+        else:
+            root = resolve_voc_root(root)
+            images, fix = voc_images(root, spec), voc_fix_command(root, spec)
+        choice = choose_depth_only(list(images), labelled, val, with_val)
+        if not choice.ids:
+            raise DataError(f"{root}: --depth-only {spec} leaves no image ({choice.listed} listed, "
+                            f"{choice.labelled_dropped} labelled, {choice.val_dropped} in the val split)")
+        return open_depth_only(images, root / "PseudoDepth", choice, fix, transforms, check), choice
+
 
 # train.py flags whose default (None) means "the dataset preset's"
 FROM_PRESET = ("data_root", "encoder", "encoder_weights", "batch_size", "crop_size", "base_size", "lr", "lr_schedule",
-               "warmup")
+               "warmup", "train_split")
 
 
 PRESETS = {
@@ -136,5 +157,5 @@ def guess_dataset(data_root: str | Path) -> str:
         return "voc"  # opening it says what is wrong
 
 
-__all__ = ["PRESETS", "CityscapesSegmentation", "DataError", "Depth", "Preset", "VOCSegmentation", "collate",
-           "get_transform", "guess_dataset", "prepare_root"]
+__all__ = ["PRESETS", "CityscapesSegmentation", "DataError", "Depth", "DepthOnlyChoice", "DepthOnlyImages", "Preset",
+           "TrainPool", "VOCSegmentation", "collate", "get_transform", "guess_dataset", "prepare_root"]

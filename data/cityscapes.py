@@ -40,10 +40,14 @@ from data.voc import (
     read_header,
     read_png_array,
     read_rgb,
+    read_split,
     size_error,
+    split_file,
 )
 
 SPLITS = ("train", "val", "test")  # gtFine's
+IMAGE_SPLITS = ("train", "train_extra", "val", "test")  # leftImg8bit's (train_extra: the 19,998 coarse images)
+REST_SPLITS = ("train", "train_extra")  # --depth-only rest: these, less the labelled images
 IMAGE_SUFFIX = "_leftImg8bit.png"
 LABEL_SUFFIX = "_gtFine_labelIds.png"
 INSTANCE_SUFFIX = "_gtFine_instanceIds.png"
@@ -92,6 +96,43 @@ def list_split(root: Path, split: str) -> dict[str, str]:
     return dict(sorted(found.items()))
 
 
+def list_images(root: Path, splits: tuple[str, ...] = IMAGE_SPLITS) -> dict[str, Path]:
+    """{id: leftImg8bit image} of the splits present among `splits` (a glob: train_extra has no fine labels)."""
+    found = {}
+    for split in splits:
+        for path in sorted((root / "leftImg8bit" / split).glob(f"*/*{IMAGE_SUFFIX}")):
+            found[path.name.removesuffix(IMAGE_SUFFIX)] = path
+    return found
+
+
+def listed_split(root: Path, split: str) -> dict[str, tuple[str, str]]:
+    """{id: (gtFine split, city)} of a split: gtFine's own (train, val, test), or a list of ids (a name in
+    ImageSets/Segmentation/ as tools/make_subsets.py writes them, or a .txt path) found in gtFine's train or val."""
+    if split in SPLITS:
+        return {i: (split, city) for i, city in list_split(root, split).items()}
+    ids = read_split(root, split)
+    known = {i: (s, city) for s in ("train", "val") if (root / "gtFine" / s).is_dir()
+             for i, city in list_split(root, s).items()}
+    unknown = [i for i in ids if i not in known]
+    if unknown:
+        raise DataError(f"{split_file(root, split)}: {len(unknown)} ids are not in gtFine's train or val "
+                        f"(e.g. {', '.join(unknown[:MISSING_SHOWN])})")
+    return {i: known[i] for i in ids}
+
+
+def depth_only_images(root: Path, spec: str) -> dict[str, Path]:
+    """{id: image} for --depth-only: `rest` (train and train_extra images) or a list of ids (any leftImg8bit split)."""
+    if spec == "rest":
+        return list_images(root, REST_SPLITS)
+    every = list_images(root)
+    ids = read_split(root, spec)
+    unknown = [i for i in ids if i not in every]
+    if unknown:
+        raise DataError(f"{split_file(root, spec)}: {len(unknown)} ids have no image in leftImg8bit/"
+                        f"{{{','.join(IMAGE_SPLITS)}}} (e.g. {', '.join(unknown[:MISSING_SHOWN])})")
+    return {i: every[i] for i in ids}
+
+
 def to_train_ids(label_ids: np.ndarray, path: Path) -> np.ndarray:
     """(H, W) label ids -> train ids (255 = ignored), naming the file on an id Cityscapes does not have."""
     bad = np.setdiff1d(np.unique(label_ids), LABEL_IDS)
@@ -113,8 +154,8 @@ class CityscapesSegmentation(Dataset):
     def __init__(self, root, split: str = "train", transforms=None, with_depth: bool = False, check: bool = True):
         self.root = resolve_cityscapes_root(root)
         self.split = split
-        self.cities = list_split(self.root, split)
-        self.ids = list(self.cities)
+        self.where = listed_split(self.root, split)  # {id: (gtFine split, city)}
+        self.ids = list(self.where)
         self.transforms = transforms
         self.with_depth = with_depth
         self.num_classes = NUM_CLASSES
@@ -130,12 +171,12 @@ class CityscapesSegmentation(Dataset):
     def path(self, kind: str, idx: int) -> Path:
         """The file of sample idx: kind is image | label | instances | depth."""
         i = self.ids[idx]
-        city = self.cities[i]
+        split, city = self.where[i]
         if kind == "depth":
             return self.root / DEPTH_DIR / f"{i}.png"
         if kind == "image":
-            return self.root / "leftImg8bit" / self.split / city / f"{i}{IMAGE_SUFFIX}"
-        return self.root / "gtFine" / self.split / city / f"{i}{LABEL_SUFFIX if kind == 'label' else INSTANCE_SUFFIX}"
+            return self.root / "leftImg8bit" / split / city / f"{i}{IMAGE_SUFFIX}"
+        return self.root / "gtFine" / split / city / f"{i}{LABEL_SUFFIX if kind == 'label' else INSTANCE_SUFFIX}"
 
     def kinds(self) -> dict[str, str]:
         """The files each sample needs besides its image: kind -> what the messages call it."""
@@ -153,7 +194,7 @@ class CityscapesSegmentation(Dataset):
         for kind, what in self.kinds().items():
             missing = [i for k, i in enumerate(self.ids) if not self.path(kind, k).is_file()]
             if missing:
-                folder = self.root / DEPTH_DIR if kind == "depth" else self.root / "gtFine" / self.split
+                folder = self.path(kind, self.ids.index(missing[0])).parent
                 fix = f". {self.depth_fix()}" if kind == "depth" else ""
                 raise DataError(f"{folder}: {len(missing)} of {len(self.ids)} {what} files of split {self.split!r} "
                                 f"are missing (e.g. {', '.join(missing[:MISSING_SHOWN])}){fix}")
@@ -225,18 +266,21 @@ def link(target: Path, link_path: Path) -> None:
 
 def add_depth_view(root: str | Path, splits: tuple[str, ...] = ("train", "val")) -> Path:
     """Make tools/make_depth.py read the folder: JPEGImages/<id>.jpg links to the leftImg8bit PNGs (PIL reads them
-    by content, not by name) and ImageSets/Segmentation/<split>.txt lists, trainval (its default) included."""
+    by content, not by name) and ImageSets/Segmentation/<split>.txt lists, trainval (its default: the splits given)
+    included. Add "train_extra" to the splits for depth-only training on its images (--depth-only rest)."""
     root = resolve_cityscapes_root(root)
     images, lists = root / "JPEGImages", root / "ImageSets" / "Segmentation"
     images.mkdir(exist_ok=True)
     lists.mkdir(parents=True, exist_ok=True)
     every = {}
     for split in splits:
-        cities = list_split(root, split)
-        for i, city in cities.items():
-            link(root / "leftImg8bit" / split / city / f"{i}{IMAGE_SUFFIX}", images / f"{i}.jpg")
-        (lists / f"{split}.txt").write_text("".join(f"{i}\n" for i in cities))
-        every.update(cities)
+        found = list_images(root, (split,))
+        if not found:
+            raise DataError(f"{root / 'leftImg8bit' / split}: no <city>/*{IMAGE_SUFFIX} images")
+        for i, path in found.items():
+            link(path, images / f"{i}.jpg")
+        (lists / f"{split}.txt").write_text("".join(f"{i}\n" for i in found))
+        every.update(found)
     (lists / "trainval.txt").write_text("".join(f"{i}\n" for i in every))
     return images
 

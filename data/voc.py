@@ -1,4 +1,10 @@
-"""PASCAL VOC 2012 segmentation in its distributed layout, with optional instances and pseudo depth."""
+"""PASCAL VOC 2012 segmentation in its distributed layout, with optional instances and pseudo depth.
+
+Splits are ImageSets/Segmentation/<split>.txt, or any .txt file of ids given by its path. SBD's augmented labels
+(SegmentationClassAug/, grey PNGs 0..20 and 255, as DeepLab distributes them with train_aug.txt: 10,582 images)
+are read for every split whose name starts with `train_aug` (train_aug itself and its subsets, train_aug_n100);
+other splits read SegmentationClass/.
+"""
 import shlex
 import sys
 import warnings
@@ -17,6 +23,8 @@ IGNORE_INDEX = 255
 DEPTH_SCALE = 65535.0  # 16-bit PNG -> 0..1 inverse depth (SPEC "Data")
 MISSING_SHOWN = 5  # ids named in a "missing files" error
 DEPTH_MODES_16BIT = ("I;16", "I;16B", "I;16L", "I")  # what PIL calls a 16-bit grey PNG
+LABEL_DIR, AUG_LABEL_DIR = "SegmentationClass", "SegmentationClassAug"
+AUG_PREFIX = "train_aug"  # splits read from AUG_LABEL_DIR
 
 
 def voc_colour(index: int) -> tuple[int, int, int]:
@@ -50,9 +58,22 @@ def resolve_voc_root(path: str | Path) -> Path:
     raise DataError(f"{path}: not a VOC 2012 folder (no JPEGImages/ here, in VOC2012/ or VOCdevkit/VOC2012/)")
 
 
+def split_file(root: Path, split: str) -> Path:
+    """The list of a split: ImageSets/Segmentation/<split>.txt, or `split` itself when it names a .txt file."""
+    if split.endswith(".txt"):
+        return Path(split)
+    return root / "ImageSets" / "Segmentation" / f"{split}.txt"
+
+
+def label_dir(split: str) -> str:
+    """The folder a split's labels are in: SBD's for train_aug and its subsets, else VOC's."""
+    name = Path(split).stem if split.endswith(".txt") else split
+    return AUG_LABEL_DIR if name.startswith(AUG_PREFIX) else LABEL_DIR
+
+
 def read_split(root: Path, split: str) -> list[str]:
-    """Ids listed in ImageSets/Segmentation/<split>.txt."""
-    path = root / "ImageSets" / "Segmentation" / f"{split}.txt"
+    """Ids listed in a split's file (split_file)."""
+    path = split_file(root, split)
     if not path.is_file():
         raise DataError(f"{path}: split list not found")
     ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
@@ -83,9 +104,15 @@ def print_warnings(found: list[str], total: int, split: str) -> None:
               + (f" (and {len(found) - 1} more)" if len(found) > 1 else ""), file=sys.stderr)
 
 
-def check_files(root: Path, ids: list[str], split: str, need_depth: bool) -> None:
-    """Fail before training when listed files are missing, naming a few and how to fix it."""
-    kinds = {"JPEGImages": ".jpg", "SegmentationClass": ".png"}
+def list_images(root: Path) -> list[str]:
+    """Ids of every image in JPEGImages/, sorted."""
+    return sorted(p.stem for p in (root / "JPEGImages").glob("*.jpg"))
+
+
+def check_files(root: Path, ids: list[str], split: str, need_depth: bool, labels: str | None = LABEL_DIR) -> None:
+    """Fail before training when listed files are missing, naming a few and how to fix it; labels: the label folder
+    (None: the images have no labels)."""
+    kinds = {"JPEGImages": ".jpg", **({labels: ".png"} if labels else {})}
     if need_depth:
         kinds["PseudoDepth"] = ".png"
     for folder, ext in kinds.items():
@@ -169,10 +196,12 @@ class VOCSegmentation(Dataset):
         self.transforms = transforms
         self.with_depth = with_depth
         self.num_classes = num_classes
-        self.with_instances = (self.root / "SegmentationObject").is_dir()
+        self.labels = label_dir(split)
+        # SBD has no instance masks
+        self.with_instances = self.labels == LABEL_DIR and (self.root / "SegmentationObject").is_dir()
         self.skipped: list[str] = []  # problems of the samples --skip-bad-samples removed
         if check:  # what file headers tell, before training: missing files, sizes, formats
-            check_files(self.root, self.ids, split, with_depth)
+            check_files(self.root, self.ids, split, with_depth, self.labels)
             self.warn([w for i in range(len(self.ids)) for w in self.check_header(i)])
 
     def __len__(self) -> int:
@@ -184,7 +213,7 @@ class VOCSegmentation(Dataset):
     def check_header(self, idx: int) -> list[str]:
         """Raise DataError for a missing file, a size mismatch or a wrong format; return warnings (8-bit depth)."""
         size, _ = read_header(self.path("JPEGImages", idx), "image")
-        others = {"SegmentationClass": "label"}
+        others = {self.labels: "label"}
         if self.with_instances:
             others["SegmentationObject"] = "instance mask"
         if self.with_depth:
@@ -222,7 +251,7 @@ class VOCSegmentation(Dataset):
         size = tuple(image.shape[-2:])
         sample = {
             "image": tv_tensors.Image(image),
-            "label": tv_tensors.Mask(read_label(self.root / "SegmentationClass" / f"{i}.png", self.num_classes, size)),
+            "label": tv_tensors.Mask(read_label(self.root / self.labels / f"{i}.png", self.num_classes, size)),
             "id": i,
         }
         inst_path = self.root / "SegmentationObject" / f"{i}.png"

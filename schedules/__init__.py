@@ -15,6 +15,7 @@ class Stage:
     loss_weights: tuple[tuple[str, float], ...]  # (task, weight) pairs; a tuple keeps the dataclass frozen
     epochs: int | None = None  # None: the dataset preset's default
     train_encoder: bool = True  # the shared encoder trains in every stage unless a stage says otherwise
+    steps: int | None = None  # optimizer steps in all, instead of epochs (a depth pool 20x the labelled set)
 
     def weights(self) -> dict[str, float]:
         return dict(self.loss_weights)
@@ -45,25 +46,39 @@ SCHEDULES: dict[str, list[Stage]] = {
 }
 
 
+def per_stage(values: list[int] | None, stages: list[Stage], flag: str) -> list[int] | None:
+    """One value for every stage, or one per stage."""
+    if values is None:
+        return None
+    if len(values) not in (1, len(stages)):
+        raise ValueError(f"{flag} has {len(values)} values; the schedule has {len(stages)} stages")
+    return values * len(stages) if len(values) == 1 else list(values)
+
+
 def get_schedule(
-    name: str, stage_epochs: list[int] | None = None, default_epochs: int = 1, joint_weights: tuple[float, float] | None = None
+    name: str, stage_epochs: list[int] | None = None, default_epochs: int = 1, joint_weights: tuple[float, float] | None = None,
+    stage_steps: list[int] | None = None,
 ) -> list[Stage]:
-    """The named schedule with every stage's epochs (one value for all, or one per stage) and joint weights filled in."""
+    """The named schedule with every stage's length (epochs, or steps: one value for all, or one per stage) and joint
+    weights filled in. A stage given steps trains that many optimizer steps whatever the size of its images."""
     if name not in SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; choose from {', '.join(SCHEDULES)}")
+    if stage_epochs is not None and stage_steps is not None:
+        raise ValueError("give stage lengths in epochs (--stage-epochs) or in steps (--stage-steps), not both")
     stages = SCHEDULES[name]
-    if stage_epochs is not None and len(stage_epochs) not in (1, len(stages)):
-        raise ValueError(
-            f"--stage-epochs has {len(stage_epochs)} values; schedule {name} has {len(stages)} stages"
-        )
-    if stage_epochs is not None and len(stage_epochs) == 1:
-        stage_epochs = stage_epochs * len(stages)
+    stage_epochs = per_stage(stage_epochs, stages, "--stage-epochs")
+    stage_steps = per_stage(stage_steps, stages, "--stage-steps")
     out = []
     for i, stage in enumerate(stages):
-        epochs = stage_epochs[i] if stage_epochs else (stage.epochs or default_epochs)
-        if epochs < 1:
-            raise ValueError(f"stage {i} ({stage.name}) of {name} needs at least one epoch, got {epochs}")
-        stage = replace(stage, epochs=epochs)
+        if stage_steps:
+            if stage_steps[i] < 1:
+                raise ValueError(f"stage {i} ({stage.name}) of {name} needs at least one step, got {stage_steps[i]}")
+            stage = replace(stage, epochs=None, steps=stage_steps[i])
+        else:
+            epochs = stage_epochs[i] if stage_epochs else (stage.epochs or default_epochs)
+            if epochs < 1:
+                raise ValueError(f"stage {i} ({stage.name}) of {name} needs at least one epoch, got {epochs}")
+            stage = replace(stage, epochs=epochs)
         if joint_weights is not None and stage.name == "b":
             stage = replace(stage, loss_weights=((SEG, joint_weights[0]), (DEPTH, joint_weights[1])))
         out.append(stage)
@@ -86,6 +101,17 @@ def copy_plan(stages: list[Stage]) -> dict[int, tuple[str, str]]:
         if new:
             return {i: (first[0], new[0])}
     return {}
+
+
+def stage_rounds(stage: Stage, epoch_steps: int, val_every: int | None = None, cap: int | None = None) -> list[int]:
+    """Optimizer steps of each round of a stage (a round ends with validation and a checkpoint): its epochs of
+    `epoch_steps` steps each (at most `cap`), or its steps in rounds of `val_every` (default: a tenth of the stage),
+    the last round taking what is left."""
+    if stage.steps is None:
+        return [min(epoch_steps, cap or epoch_steps)] * stage.epochs
+    every = val_every or math.ceil(stage.steps / 10)
+    full, rest = divmod(stage.steps, every)
+    return [every] * full + ([rest] if rest else [])
 
 
 def lr_factor(progress: float, kind: str = "constant", warmup: float = 0.0) -> float:

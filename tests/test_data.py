@@ -9,7 +9,7 @@ from torchvision import tv_tensors
 
 from data import DataError, Depth, VOCSegmentation, collate, get_transform
 from data.voc import DataWarning
-from data.sampler import EpochSampler, SeededDataset
+from data.sampler import SeededDataset, Stream, StreamSampler
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from data.visualize import TITLE_HEIGHT, colorize_depth, colorize_label, denormalize, log_images, to_palette_png
 
@@ -69,14 +69,15 @@ def test_collate_pads_labels_255_and_depth_nan():
 
 def test_seeded_augmentation_and_order_are_reproducible(tiny_voc):
     ds = SeededDataset(VOCSegmentation(tiny_voc, "train", get_transform(True, 64, 48)), seed=5)
-    assert torch.equal(ds[3]["image"], ds[3]["image"])
-    assert not torch.equal(ds[3]["image"], ds[3 + 16]["image"])  # another epoch, another crop
-    sampler = EpochSampler(16, seed=5)
+    assert torch.equal(ds[(3, 7)]["image"], ds[(3, 7)]["image"])
+    assert not torch.equal(ds[(3, 7)]["image"], ds[(3, 8)]["image"])  # another key, another crop
+    sampler = StreamSampler([Stream(tuple(range(16)), 4, 1)], seed=5, rounds=(4, 4, 4, 4))
     sampler.set_epoch(2)
     first = list(sampler)
-    assert first == list(sampler) and sorted(k % 16 for k in first) == list(range(16))
+    assert first == list(sampler) and sorted(i for i, _ in first) == list(range(16))  # one pass: each image once
+    assert len({key for _, key in first}) == 16
     sampler.set_epoch(3)
-    assert [k % 16 for k in sampler] != [k % 16 for k in first]
+    assert [i for i, _ in sampler] != [i for i, _ in first]  # the next pass, another order
 
 
 def copy_voc(src, dst):

@@ -158,18 +158,20 @@ def test_int8_graph_is_qdq_with_per_channel_int8_weights(exported):
         assert q_weight.dtype.name == "int8" and scale.shape == (q_weight.shape[0],)  # one scale per out channel
 
 
-def test_int8_model_is_model_onnx_quantized(run):
+def test_int8_model_is_model_onnx_quantized(exported):
     """model_int8.onnx is model.onnx (whose BatchNorms the exporter folded) with QDQ pairs around the same
     convolutions: the same Conv nodes, each weight the fp32 weight to within its quantization step."""
-    _, out = run
+    out, _ = exported
     fp32, int8 = (onnx.load(str(out / name)).graph for name in ("model.onnx", "model_int8.onnx"))
     assert not [n for n in fp32.node if n.op_type == "BatchNormalization"]
     fp32_weights = {t.name: numpy_helper.to_array(t) for t in fp32.initializer}
     int8_weights = {t.name: numpy_helper.to_array(t) for t in int8.initializer}
     dq = {n.output[0]: n for n in int8.node if n.op_type == "DequantizeLinear"}
-    convs = [(a, b) for a, b in zip((n for n in fp32.node if n.op_type == "Conv"), (n for n in int8.node if n.op_type == "Conv"))]
-    assert len(convs) == len([n for n in fp32.node if n.op_type == "Conv"]) == len([n for n in int8.node if n.op_type == "Conv"])
-    for a, b in convs:
+    quantized = {n.name: n for n in int8.node if n.op_type == "Conv"}
+    convs = [n for n in fp32.node if n.op_type == "Conv"]
+    assert len(convs) == len(quantized) and {n.name for n in convs} == set(quantized)
+    for a in convs:
+        b = quantized[a.name]
         w = fp32_weights[a.input[1]]
         q = dq[b.input[1]]
         q_weight, scale = int8_weights[q.input[0]], int8_weights[q.input[1]]

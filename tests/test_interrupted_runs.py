@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from test_reliability import ENV, REPO, TINY, bad_label_value, ids_of, parse, snapshot, train_state
 
 import train
-from data.sampler import EpochSampler
+from data.sampler import Stream
 from models import load_model
 from run_state import checkpoints as ckpt
 from run_state import find_resume, publish
@@ -175,14 +175,12 @@ def test_a_failing_process_ends_a_two_process_run_quickly(tiny_voc, tmp_path, la
     shutil.copytree(tiny_voc, root)
     ids, n = ids_of(root), len(ids_of(root))
 
-    def order(seed, epoch):
-        s = EpochSampler(n, seed)
-        s.set_epoch(epoch)
-        return [k % n for k in s]
+    def read(seed, positions):  # the ids at positions of an s stage's labelled stream, batch 2 (data/pools.py)
+        return [Stream(tuple(range(n)), 2, 1).sample(seed, p, {})[0] for p in positions]
 
-    # --max-steps-per-epoch 1, batch 2 per rank: in epoch 0 each rank loads its first 3 batches (one step + the
-    # look-ahead), i.e. the first 12 of the order; rank 1's first batch of epoch 1 is order[2:4]
-    seed, bad = next((s, i) for s in range(50) for i in order(s, 1)[2:4] if i not in order(s, 0)[:12])
+    # --max-steps-per-epoch 1, batch 2 per rank: epoch 0 is stream batches 0 and 1 (one per rank, positions 0-3),
+    # epoch 1 batches 2 and 3: rank 1 reads positions 6 and 7
+    seed, bad = next((s, i) for s in range(50) for i in read(s, (6, 7)) if i not in read(s, range(6)))
     bad_label_value(root, ids[bad])
     out = tmp_path / "ddp"
     tic = time.monotonic()

@@ -17,7 +17,8 @@ NUM_VAL = 8  # real val images (VOC sizes: 500x333, 375x500, ... none a multiple
 NUM_TRAIN = 8
 TRAIN = ["--dataset", "voc", "--schedule", "s", "--encoder", "resnet18", "--encoder-weights", "none",
          "--crop-size", "64", "--base-size", "64", "--batch-size", "4", "--stage-epochs", "1",
-         "--max-steps-per-epoch", "2", "--workers", "0", "--val-batch-size", "3", "--lr", "1e-3"]
+         "--max-steps-per-epoch", "2", "--workers", "0", "--val-batch-size", "3", "--lr", "1e-3",
+         "--seed", "2"]  # a seed whose 2-step model predicts several classes (the comparison means something)
 
 
 def reset_accelerate():

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 import train
 from data.checks import check_data
-from data.sampler import EpochSampler
+from data.sampler import Stream
 from data.voc import DataError
 from models import ModelConfig, build_model
 from run_state import CheckpointError
@@ -76,11 +76,11 @@ def finished_run(tiny_voc, tmp_path_factory):
     return out
 
 
-def first_read(root, epoch: int) -> str:
-    """The id a one-process run reads first in an epoch (seed 0, one stage)."""
-    sampler = EpochSampler(len(ids_of(root)), 0)
-    sampler.set_epoch(epoch)
-    return ids_of(root)[next(iter(sampler)) % len(ids_of(root))]
+def first_read(root, position: int) -> str:
+    """The id a one-process run (seed 0, batch 4) reads at a position of its first stage's labelled stream (the
+    stream of an s or b stage, data/pools.py plan_stage)."""
+    ids = ids_of(root)
+    return ids[Stream(tuple(range(len(ids))), 4, 1).sample(0, position, {})[0]]
 
 
 def truncate_jpeg(root, i):
@@ -129,7 +129,7 @@ def test_bad_input_names_the_file_and_damages_nothing(corrupt, tiny_voc, finishe
     raised before (header problems) or at (decode problems) the first read, and no checkpoint or depth map touched."""
     root = tmp_path / "voc"
     shutil.copytree(tiny_voc, root)
-    pattern = corrupt(root, first_read(root, 1))
+    pattern = corrupt(root, first_read(root, 16))  # epoch 1 of 4 steps of 4 images, after epoch 0's (capped) 2
     kept = snapshot(finished_run / "checkpoints", root / "PseudoDepth")
     with pytest.raises(DataError, match=pattern):
         train.main(parse(root, finished_run, "--schedule", "b", "--stage-epochs", "2", "--resume", "auto"))

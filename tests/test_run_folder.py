@@ -42,7 +42,7 @@ def test_run_stopped_mid_epoch_on_bad_data_leaves_the_folder_as_it_was(corrupt, 
     out, before = finished
     root = tmp_path / "voc"
     shutil.copytree(tiny_voc, root)
-    pattern = corrupt(root, first_read(root, 1))  # what the resumed run's next epoch reads first
+    pattern = corrupt(root, first_read(root, 8))  # what the resumed run's next epoch reads first (after 2 x 4)
     with pytest.raises(DataError, match=pattern):
         train.main(parse(root, out, "--schedule", "b", "--stage-epochs", "2", "--max-steps-per-epoch", "2",
                          "--resume", "auto"))

@@ -1,4 +1,4 @@
-"""tools/run_tables.py: the plan equals the paper's tables, budgets, aggregation, layout, resumability."""
+"""tools/run_tables.py (sweeps/): the plan equals the paper's tables, budgets, aggregation, layout, resumability."""
 import csv
 import json
 import subprocess
@@ -7,6 +7,8 @@ from itertools import product
 import pytest
 
 from schedules import SCHEDULES
+from sweeps import cells as sc
+from sweeps import tables
 from tools import run_tables as rt
 
 TINY = ["--encoder", "resnet18", "--crop-size", "64", "--base-size", "64", "--batch-size", "4",
@@ -19,10 +21,10 @@ def parse(*argv):
 
 
 def test_plan_is_the_papers_two_tables():
-    rows = rt.table_rows()
+    rows = tables.table_rows()
     t2 = [r.cell for r in rows if r.table == "Table 2"]
     t3 = [r for r in rows if r.table == "Table 3"]
-    assert t2 == [rt.Cell("s", False), rt.Cell("b", False), rt.Cell("d_s_b", True)]
+    assert t2 == [sc.Cell("s", False), sc.Cell("b", False), sc.Cell("d_s_b", True)]
     # table 3: first decoder x weight copy x what follows, in the paper's row order
     assert [(r.cell.schedule, r.cell.copy) for r in t3] == [
         ("s_d_b", True), ("s_b", True), ("s_d_b", False), ("s_b", False),
@@ -31,15 +33,15 @@ def test_plan_is_the_papers_two_tables():
     for r in t3:  # the leading columns say what the schedule does
         first, *then = r.cell.schedule.split("_")
         assert r.label == (FIRST[first], "yes" if r.cell.copy else "no", " → ".join(then))
-    cells = rt.plan_cells(rows)
-    assert len(cells) == 10 and cells.count(rt.Cell("d_s_b", True)) == 1  # shared by both tables: runs once
+    cells = tables.plan_cells(rows)
+    assert len(cells) == 10 and cells.count(sc.Cell("d_s_b", True)) == 1  # shared by both tables: runs once
     assert all(c.weighting == "paper" for c in cells)
-    best = next(r for r in t3 if r.cell == rt.Cell("d_s_b", True))
+    best = next(r for r in t3 if r.cell == sc.Cell("d_s_b", True))
     assert best.paper == {"mIoU": 0.7789, "iIoU": 0.5052, "pixel_acc": 0.9974}
 
 
 def test_weightings_add_rows_to_table_2():
-    cells = rt.plan_cells(rt.table_rows(("uncertainty", "dwa")))
+    cells = tables.plan_cells(tables.table_rows(("uncertainty", "dwa")))
     assert len(cells) == 14
     assert [c.name for c in cells[-4:]] == ["b_uncertainty", "d_s_b_copy_uncertainty", "b_dwa", "d_s_b_copy_dwa"]
 
@@ -48,15 +50,15 @@ def test_weightings_add_rows_to_table_2():
 def test_budget_split_sums_to_the_budget(schedule, tmp_path):
     n = len(SCHEDULES[schedule])
     for budget in range(n, 25):
-        split = rt.split_budget(n, budget)
+        split = sc.split_budget(n, budget)
         assert sum(split) == budget and len(split) == n and min(split) >= 1
         assert len(set(split[:-1])) <= 1 and split[-1] - split[0] == budget % n  # equal, remainder to the last
         args = parse("--dataset", "synthetic", "--out", str(tmp_path), "--budget", str(budget))
-        cmd = rt.cell_command(rt.Cell(schedule, False), 0, tmp_path, args)
+        cmd = sc.cell_command(sc.Cell(schedule, False), 0, tmp_path, args)
         assert cmd[cmd.index("--stage-epochs") + 1] == ",".join(map(str, split))
-    assert rt.split_budget(3, 8) == [2, 2, 4] and rt.split_budget(2, 7) == [3, 4]
+    assert sc.split_budget(3, 8) == [2, 2, 4] and sc.split_budget(2, 7) == [3, 4]
     with pytest.raises(ValueError, match="less than the"):
-        rt.split_budget(3, 2)
+        sc.split_budget(3, 2)
 
 
 def fake_run(out, name, seed, **metrics):
@@ -71,17 +73,17 @@ def test_aggregation_by_hand(tmp_path):
     fake_run(tmp_path, "s", 1, mIoU=0.6, fg_mIoU=0.4, pixel_acc=0.8, iIoU=0.4)
     fake_run(tmp_path, "s", 2, mIoU=0.7, fg_mIoU=0.4, pixel_acc=0.7)  # no instances: iIoU over two seeds
     fake_run(tmp_path, "b", 0, mIoU=0.3, fg_mIoU=0.1, pixel_acc=0.5)
-    cells = [rt.Cell("s", False), rt.Cell("b", False), rt.Cell("d_s_b", True)]
-    results = rt.load_results(tmp_path, cells, [0, 1, 2])
-    stats = rt.summarise(results[rt.Cell("s", False)])
+    cells = [sc.Cell("s", False), sc.Cell("b", False), sc.Cell("d_s_b", True)]
+    results = sc.load_results(tmp_path, cells, [0, 1, 2])
+    stats = tables.summarise(results[sc.Cell("s", False)])
     assert stats["mIoU"] == pytest.approx((0.6, 0.1, 3))  # sample std: sqrt((0.01 + 0 + 0.01) / 2)
     assert stats["pixel_acc"] == pytest.approx((0.8, 0.1, 3))
     assert stats["fg_mIoU"] == pytest.approx((0.4, 0.0, 3))
     assert stats["iIoU"] == pytest.approx((0.3, 0.02**0.5, 2))
-    assert rt.summarise(results[rt.Cell("b", False)])["mIoU"] == (0.3, 0.0, 1)
-    assert results[rt.Cell("d_s_b", True)] == []
-    rows = [r for r in rt.table_rows() if r.table == "Table 2"]
-    rt.write_csv(rows, results, tmp_path)
+    assert tables.summarise(results[sc.Cell("b", False)])["mIoU"] == (0.3, 0.0, 1)
+    assert results[sc.Cell("d_s_b", True)] == []
+    rows = [r for r in tables.table_rows() if r.table == "Table 2"]
+    tables.write_csv(rows, results, tmp_path)
     table = list(csv.DictReader(open(tmp_path / "results.csv")))
     assert [r["cell"] for r in table] == ["s", "b", "d_s_b_copy"]
     assert float(table[0]["mIoU_mean"]) == pytest.approx(0.6) and float(table[0]["mIoU_std"]) == pytest.approx(0.1)
@@ -93,8 +95,8 @@ def test_markdown_layout(tmp_path):
     for seed, miou in enumerate([0.5, 0.7]):
         fake_run(tmp_path, "d_s_b_copy", seed, mIoU=miou, fg_mIoU=0.25, pixel_acc=0.75)
     fake_run(tmp_path, "s", 0, mIoU=0.125, fg_mIoU=0.0625, pixel_acc=0.5)
-    rows = rt.table_rows()
-    text = rt.markdown_tables(rows, rt.load_results(tmp_path, rt.plan_cells(rows), [0, 1]))
+    rows = tables.table_rows()
+    text = tables.markdown_tables(rows, sc.load_results(tmp_path, tables.plan_cells(rows), [0, 1]))
     lines = text.splitlines()
     t2, t3 = lines.index("### Table 2"), lines.index("### Table 3")
     assert lines[t2 + 2] == "| model | multi-task | mIoU | fg_mIoU | acc | seeds | epochs | run folder | paper mIoU / iIoU / acc |"

@@ -5,8 +5,10 @@ import math
 import pytest
 from PIL import Image
 
-from tools import sweep_stats as st
-from tools.run_tables import BASELINE, Cell, table_rows
+from sweeps import plots
+from sweeps import stats as st
+from sweeps.cells import Cell
+from sweeps.tables import BASELINE, table_rows
 
 
 def test_t_quantiles_match_the_table():
@@ -49,10 +51,10 @@ def test_curves_from_logs(tmp_path):
     mean = st.mean_curve(curves + [[]])  # a run without a log does not count
     assert mean == [(10, pytest.approx(0.3)), (20, pytest.approx(0.6)), (30, pytest.approx(0.6))]
     assert not st.is_flat(mean) and st.is_flat(mean, last=2) and not st.is_flat(mean[:1], last=2)
-    st.curve_plot({"s": mean, "b": [(10, 0.1), (30, 0.2)]}, tmp_path / "curves.png", "title")
+    plots.curve_plot({"s": mean, "b": [(10, 0.1), (30, 0.2)]}, tmp_path / "curves.png", "title")
     img = Image.open(tmp_path / "curves.png").convert("RGB")
     colours = {img.getpixel((x, y)) for x in range(0, img.width, 2) for y in range(0, img.height, 2)}
-    assert st.CURVE_COLOURS[0] in colours and st.CURVE_COLOURS[1] in colours
+    assert plots.CURVE_COLOURS[0] in colours and plots.CURVE_COLOURS[1] in colours
 
 
 def test_differences_section_pairs_rows_with_the_baseline():

@@ -8,6 +8,7 @@ from accelerate import Accelerator
 
 import train
 from data import PRESETS
+from data.pools import plan_stage
 from models import FocalLoss, ModelConfig, build_model, load_model
 from run_state import TrainState
 from models.model import MultiDecoderModel
@@ -60,18 +61,20 @@ def test_every_schedule_trains_end_to_end(schedule, copy, tiny_voc, tmp_path, fr
 def test_decoder_outside_a_stage_is_bit_identical_and_gets_no_gradient(tiny_voc, tmp_path, fresh_accelerate):
     args = parse(tiny_voc, tmp_path)
     accelerator = Accelerator(cpu=True)
-    loaders = train.get_dataloaders(args, PRESETS["synthetic"], tiny_voc, True, 4, 64)
+    pool, val_set, _ = train.get_datasets(args, PRESETS["synthetic"], tiny_voc, True)
     torch.manual_seed(0)
     model = build_model(ModelConfig(encoder="resnet18"))
     depth_before = {k: v.clone() for k, v in model.state_dict().items() if ".depth" in k}
     seg_before = {k: v.clone() for k, v in model.state_dict().items() if ".seg" in k}
     stage = get_schedule("d_s_b", [1])[1]  # the "s" stage
+    plan = plan_stage(pool, stage, 1, 4, 0.5, cap=2)
+    loaders = train.get_train_loader(pool, plan, args, 1), train.get_loader(val_set, args, batch_size=4)
     model, optimizer, train_dl, _ = train.setup_stage(accelerator, model, stage, args, *loaders)
     state = TrainState(steps_per_epoch=2)
     criterion = train.Criterion(FocalLoss(), stage.weights())
     options = train.LoopOptions(args.lr, args.lr_schedule, args.warmup, args.log_every, 0, args.clip_grad_norm)
     run = train.RunLog(accelerator, tmp_path / "run", {}, state, resumed=False)
-    train.train_one_epoch(model, criterion, optimizer, train_dl, accelerator, stage, state, run, options)
+    train.train_one_epoch(model, criterion, optimizer, train_dl, accelerator, plan, state, run, options)
     m = accelerator.unwrap_model(model)
     after = m.state_dict()
     assert state.step == 2 and state.global_step == 2
@@ -97,7 +100,8 @@ def test_two_cpu_ranks_split_the_epoch_and_count_validation_once(tiny_voc, tmp_p
 
     accelerator = Accelerator(cpu=True)
     args = parse(tiny_voc, tmp_path / "eval", "--val-batch-size", "1")
-    _, val_loader = train.get_dataloaders(args, PRESETS["synthetic"], tiny_voc, True, 2, 64)
+    _, val_set, _ = train.get_datasets(args, PRESETS["synthetic"], tiny_voc, True)
+    val_loader = train.get_loader(val_set, args, batch_size=1)
     model = load_model(out / "checkpoints" / "last").to(memory_format=torch.channels_last)
     model, val_loader = accelerator.prepare(model, val_loader)
     single, _ = train.evaluate(model, val_loader, accelerator, 21, ("seg", "depth"))

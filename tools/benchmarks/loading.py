@@ -2,6 +2,7 @@
 sharing the machine)."""
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -9,6 +10,7 @@ from tqdm.auto import tqdm
 
 import train
 from data import PRESETS, prepare_root
+from data.pools import plan_stage
 from models import FocalLoss, ModelConfig, build_model
 from run_state import TrainState
 from tools.benchmarks.timing import Settings, fresh_accelerator, no_bar, sync
@@ -27,21 +29,20 @@ def find_data_root(data_root: str | None) -> tuple[str, Path]:
     return "synthetic", prepare_root("synthetic", REPO / PRESETS["synthetic"].data_root)
 
 
-def loader_batches(loader):
-    """Batches forever, epoch after epoch (the sampler reshuffles per epoch)."""
-    epoch = 0
-    while True:
-        loader.sampler.set_epoch(epoch)
-        yield from loader
-        epoch += 1
+def stage_loader(targs, dataset: str, root: Path, need_depth: bool, rounds: tuple[int, ...]):
+    """train.py's training DataLoader of a seg-only stage (both when need_depth) with the given rounds, and its plan."""
+    pool, val_set, _ = train.get_datasets(targs, PRESETS[dataset], root, need_depth)
+    stage = STAGES["both" if need_depth else "seg"]
+    plan = replace(plan_stage(pool, stage, 0, targs.batch_size, targs.depth_only_fraction), rounds=rounds)
+    return train.get_train_loader(pool, plan, targs, 1), train.get_loader(val_set, targs, batch_size=1), plan
 
 
 def bench_loader(dataset: str, root: Path, batch: int, side: int, n_batches: int, bar: tqdm) -> dict:
     """Images/s of train.py's training DataLoader alone (default workers), after its first batch."""
-    targs = train_defaults([], dataset)
+    targs = train_defaults(["--batch-size", str(batch), "--crop-size", str(side)], dataset)
     need_depth = (root / "PseudoDepth").is_dir()  # the joint stage reads depth too: the heavier case
-    loader, _ = train.get_dataloaders(targs, PRESETS[dataset], root, need_depth, batch, side)
-    batches = loader_batches(loader)
+    loader, _, _ = stage_loader(targs, dataset, root, need_depth, (n_batches + 1,))
+    batches = iter(loader)
     next(batches)  # workers started, their first batches made
     tic, images = time.perf_counter(), 0
     for _ in range(n_batches):
@@ -65,9 +66,9 @@ class NoRunFolder:
 def bench_end_to_end(settings: Settings, dataset: str, root: Path, device: torch.device, precision: str, bar: tqdm) -> dict:
     """train.train_one_epoch fed by the real DataLoader: data loading and the step share the machine."""
     batch, side = settings.train_shapes[0]
-    targs = train_defaults([], dataset)
+    targs = train_defaults(["--batch-size", str(batch), "--crop-size", str(side)], dataset)
     accelerator = fresh_accelerator(precision, device)
-    loaders = train.get_dataloaders(targs, PRESETS[dataset], root, False, batch, side)
+    *loaders, plan = stage_loader(targs, dataset, root, False, (settings.warmup, settings.e2e_steps))
     model = build_model(ModelConfig(encoder=settings.encoder, tasks=("seg", "depth"))).to(memory_format=torch.channels_last)
     stage = STAGES["seg"]
     model, optimizer, train_dl, _ = train.setup_stage(accelerator, model, stage, targs, *loaders)
@@ -77,7 +78,7 @@ def bench_end_to_end(settings: Settings, dataset: str, root: Path, device: torch
         train_dl.set_epoch(epoch)
         state = TrainState(steps_per_epoch=steps)
         tic = time.perf_counter()
-        train.train_one_epoch(model, criterion, optimizer, train_dl, accelerator, stage, state, NoRunFolder(), options)
+        train.train_one_epoch(model, criterion, optimizer, train_dl, accelerator, plan, state, NoRunFolder(), options)
         sync(device)
         seconds = time.perf_counter() - tic
         bar.update(steps)

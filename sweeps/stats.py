@@ -1,4 +1,4 @@
-"""Statistics and curves for tools/run_tables.py: paired differences over seeds with 95% CIs, validation curves.
+"""Statistics of a sweep (tools/run_tables.py): paired differences over seeds with 95% CIs, validation curves.
 
 Seeds pair the runs: seed k of every schedule starts from the same weights and sees the same batches in the
 same order (train.py is deterministic in the seed), so schedule - baseline is compared seed by seed, which
@@ -113,73 +113,3 @@ def baseline_note(curve: list[tuple[int, float]]) -> str:
     tail = ", ".join(f"{v:.4f}" for _, v in curve[-3:])
     flat = "flat (within 0.02)" if is_flat(curve) else "**still moving** (more than 0.02 apart)"
     return f"Baseline `s`, mean fg_mIoU at its last three validations: {tail}: {flat}."
-
-
-CURVE_COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-                 (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (0, 0, 0), (90, 60, 160))
-
-
-def curve_plot(curves: dict[str, list[tuple[int, float]]], path: Path, title: str) -> None:
-    """Line chart of each named curve (validation metric against training step), drawn with PIL."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    font = ImageFont.load_default(size=13)
-    width, height, left, top, bottom, legend_w = 640, 380, 50, 34, 30, 170
-    img = Image.new("RGB", (left + width + legend_w, top + height + bottom), "white")
-    draw = ImageDraw.Draw(img)
-    draw.text((10, 8), title, fill="black", font=font)
-    points = [p for c in curves.values() for p in c]
-    max_step = max([s for s, _ in points] + [1])
-    hi = min(1.0, max([v for _, v in points] + [0.05]) * 1.05)
-
-    def xy(step: float, value: float) -> tuple[float, float]:
-        return left + step / max_step * width, top + height - value / hi * height
-
-    draw.rectangle([left, top, left + width, top + height], outline="black")
-    for k in range(6):
-        value, step = hi * k / 5, max_step * k / 5
-        draw.text((4, xy(0, value)[1] - 7), f"{value:.2f}", fill="black", font=font)
-        draw.line([xy(0, value), xy(max_step, value)], fill=(225, 225, 225))
-        draw.text((xy(step, 0)[0] - 10, top + height + 6), f"{step:.0f}", fill="black", font=font)
-    for i, (name, curve) in enumerate(curves.items()):
-        colour = CURVE_COLOURS[i % len(CURVE_COLOURS)]
-        if len(curve) > 1:
-            draw.line([xy(s, v) for s, v in curve], fill=colour, width=2)
-        for s, v in curve:
-            x, y = xy(s, v)
-            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
-        y = top + 6 + 18 * i
-        draw.line([left + width + 10, y + 7, left + width + 30, y + 7], fill=colour, width=3)
-        draw.text((left + width + 36, y), name, fill="black", font=font)
-    img.save(path)
-
-
-def bar_chart(rows: list, results: dict, path: Path, metric: str = "mIoU") -> None:
-    """Horizontal bars of `metric` (mean, whiskers at ± std) for every row of both tables, drawn with PIL."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    font = ImageFont.load_default(size=14)
-    label_w, bar_w, row_h, top = 190, 480, 26, 40
-    img = Image.new("RGB", (label_w + bar_w + 130, top + row_h * len(rows) + 30), "white")
-    draw = ImageDraw.Draw(img)
-    stats = [summarise([r[metric] for r in results.get(row.cell, []) if metric in r]) for row in rows]
-    scale = bar_w / max([0.05] + [m + s for m, s, _ in filter(None, stats)])
-    draw.text((10, 10), f"{metric}, mean ± std over seeds, one bar per row (2: table 2, 3: table 3)", fill="black", font=font)
-    for i, (row, stat) in enumerate(zip(rows, stats)):
-        y = top + i * row_h
-        colour = (70, 110, 180) if row.table == "Table 2" else (220, 130, 50)
-        draw.text((10, y + 4), f"{row.table[-1]}: {row.cell.name}", fill="black", font=font)
-        if stat is None:
-            draw.text((label_w, y + 4), "not run", fill="grey", font=font)
-            continue
-        mean, std, _ = stat
-        x0 = label_w
-        draw.rectangle([x0, y + 4, x0 + mean * scale, y + row_h - 4], fill=colour)
-        if std > 0:
-            cy = y + row_h // 2
-            lo = max(mean - std, 0.0)  # metrics live in 0..1: the whisker stops at the axis
-            draw.line([x0 + lo * scale, cy, x0 + (mean + std) * scale, cy], fill="black", width=2)
-            for x in (lo, mean + std):
-                draw.line([x0 + x * scale, cy - 5, x0 + x * scale, cy + 5], fill="black", width=2)
-        draw.text((x0 + (mean + std) * scale + 8, y + 4), f"{mean:.4f}", fill="black", font=font)
-    img.save(path)
