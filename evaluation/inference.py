@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from data.transforms import eval_image
 from models.io import CONFIG_NAME, load_model, resolve_checkpoint
 from models.deploy import ONNX_INT8_NAME, ONNX_NAME, onnx_session, run_onnx
 from models.model import ModelConfig
@@ -87,6 +88,16 @@ def predict_batch(run: Predictor, batch: dict, scales: Sequence[float] = (1.0,),
                 out[key] = v.new_full((image.shape[0], v.shape[0], *image.shape[-2:]), 0.0 if key == "seg" else torch.nan)
             out[key][i, :, :h, :w] = v
     return out
+
+
+def predict_rgb(run: Predictor, image: Tensor, device: str | torch.device = "cpu") -> dict[str, Tensor]:
+    """A uint8 RGB image (3, H, W) as read from a file, normalised like validation images and predicted by
+    `predict_image` -> {"seg": (H, W) uint8 class ids, "depth": (1, H, W) float if the model has it}, on the CPU."""
+    out = predict_image(run, eval_image(image).to(device))
+    result = {"seg": out["seg"].argmax(0).to(torch.uint8).cpu()}
+    if "depth" in out:
+        result["depth"] = out["depth"].cpu()
+    return result
 
 
 BACKENDS = ("torch", "onnx", "onnx-int8")  # for a folder: model.safetensors, model.onnx, model_int8.onnx

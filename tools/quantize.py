@@ -162,7 +162,7 @@ def agreement(fp32, int8, dataset) -> dict:
 def scores(runs: dict, dataset, num_classes: int) -> dict:
     """mIoU, fg_mIoU and pixel accuracy of each Predictor on the dataset through tools/evaluate.py's score (its
     metric code and prediction rule), and the drops from fp32 to int8."""
-    from tools.evaluate import score
+    from evaluation.scoring import score
 
     metrics = {}
     for k, run in runs.items():
@@ -191,7 +191,7 @@ def export_int8(model: MultiDecoderModel, folder: Path, settings: dict) -> dict:
     dataset, data_root, calibration_images, calibration_method, eval_images,
     latency_size (None: the first eval image's), latency_runs, threads."""
     from evaluation.inference import onnx_predictor
-    from tools.evaluate import get_dataset
+    from evaluation.scoring import get_dataset
 
     quant = calibrate(folder, settings)
     paths = {"fp32": folder / ONNX_NAME, "int8": folder / INT8_NAME}
