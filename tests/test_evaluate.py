@@ -141,7 +141,7 @@ def test_nan_depth_metrics_are_explained_in_the_report():
     assert report["depth_absrel"] is None and report["notes"] == ["iIoU not available", metrics["depth_nan_reason"]]
     table = rep.markdown_table(report)
     assert "| depth_absrel | – |" in table and f"- {metrics['depth_nan_reason']}" in table
-    evaluator.reset()
+    evaluator = SegEvaluator(2)  # a fresh one: train.py and evaluate.py make one per split
     evaluator.update({"seg": torch.randn(1, 2, 4, 4), "depth": torch.rand(1, 1, 4, 4)},
                      {"label": label, "depth": torch.rand(1, 1, 4, 4) + 0.1})
     assert "depth_nan_reason" not in evaluator.compute()
