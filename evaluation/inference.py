@@ -5,8 +5,8 @@ batch), so the numbers a run reports are the numbers its shipped files give.
 The rule, as torchvision's segmentation reference evaluates: each image alone (batch 1), at its own size, with
 nothing padded reaching the model (the model takes any size: models/decoder.py). A loader may batch images for
 I/O; `predict_batch` crops each back to its size first. Batch 1 is what makes the answers exact: a convolution's
-result can differ in the last bit with the batch it is computed in (a batch of 4 gives up to 1.5e-8 off batch 1
-on the CPU), and a pixel whose two best classes are that close would flip.
+result can differ in the last bits with the batch it is computed in, and a pixel whose two best classes are that
+close would flip.
 
 Test-time augmentation (tools/evaluate.py --flip/--scales) averages softmax over the views; with one view the
 scores are the logits, whose argmax is the same class.

@@ -1,6 +1,6 @@
 """The GPU check, one script of at most 8 minutes: tools/bench.py on CUDA (bf16, 16x256 and 8x512 training, ours
 against smp's Unet if installed) and a real bf16 training of the default run (synthetic set,
-schedule d_s_b with --copy-weights, about 2 minutes or less). Writes everything to one Markdown file to
+schedule d_s_b with --copy-weights, stopped at --train-timeout). Writes everything to one Markdown file to
 paste into BENCHMARKS.md ("On a GPU").
 
     python tools/gpu_check.py                          # on a GPU machine: bench-out/gpu_check/results.md
