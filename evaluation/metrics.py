@@ -355,13 +355,6 @@ class SegEvaluator:
             self.depth.update(stats=gather(DepthMetrics.sample_stats(outputs["depth"].float(), batch["depth"])))
         return counts
 
-    def reset(self) -> None:
-        """Forget everything accumulated so far."""
-        self.confmat.reset()
-        self.iiou.reset()
-        self.depth.reset()
-        self.has_instances = self.has_depth = False
-
     def compute(self) -> dict:
         """mIoU, fg_mIoU, pixel_acc, mean_acc, iou, absent_classes, confusion_matrix (nested list), iIoU and
         depth metrics when they were measured, depth_nan_reason (text) when depth metrics are NaN."""

@@ -14,6 +14,7 @@ from models.model import ModelConfig, MultiDecoderModel
 from run_state.faults import fault_point
 
 STATE_NAME = "train_state.json"
+PREPARED_EXTRA = "model_1.safetensors"  # save_state's file of the second prepared model (the model is model.safetensors)
 
 
 @dataclass
@@ -87,9 +88,16 @@ def publish(tmp: Path, final: Path) -> None:
     shutil.rmtree(prev, ignore_errors=True)
 
 
+def prepared(accelerator, module) -> bool:
+    """Whether `module` is among the models Accelerate's save_state writes (model_<i>.safetensors)."""
+    # Accelerate lists them only in this attribute, the one its own save_state reads
+    return any(accelerator.unwrap_model(m) is accelerator.unwrap_model(module) for m in accelerator._models)
+
+
 def save_checkpoint(accelerator, model, out: Path, state: TrainState, best: bool = False, extra: dict | None = None) -> None:
     """save_state into a temporary folder, then publish it as checkpoints/last (and a copy as best)."""
-    # extra: {name: module} not prepared in every stage, saved as name.pt (loads with weights_only=True)
+    # extra: {name: module} not prepared in every stage (the joint weighting); saved as name.pt (loads with
+    # weights_only=True) when it is not prepared now, else save_state holds it (model_1.safetensors): once, not twice
     ckpt = Path(out) / "checkpoints"
     tmp = ckpt / ".last.tmp"
     if accelerator.is_main_process:
@@ -101,7 +109,8 @@ def save_checkpoint(accelerator, model, out: Path, state: TrainState, best: bool
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).config.save(tmp / CONFIG_NAME)
         for name, module in (extra or {}).items():
-            torch.save(accelerator.unwrap_model(module).state_dict(), tmp / f"{name}.pt")
+            if not prepared(accelerator, module):
+                torch.save(accelerator.unwrap_model(module).state_dict(), tmp / f"{name}.pt")
         (tmp / STATE_NAME).write_text(json.dumps(state.state_dict()))  # written last: marks it complete
         fsync_tree(tmp)
         fault_point("save")
@@ -115,9 +124,14 @@ def save_checkpoint(accelerator, model, out: Path, state: TrainState, best: bool
 
 
 def load_extra(folder: Path, extra: dict) -> None:
-    """Load what save_checkpoint's `extra` wrote."""
+    """Load what save_checkpoint's `extra` wrote as name.pt; one prepared when the checkpoint was taken has no file of
+    its own: load_state has already loaded it from PREPARED_EXTRA. (Checkpoints written before that hold both.)"""
     for name, module in extra.items():
-        module.load_state_dict(torch.load(folder / f"{name}.pt", map_location="cpu", weights_only=True))
+        path = Path(folder) / f"{name}.pt"
+        if path.is_file():
+            module.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        elif not (Path(folder) / PREPARED_EXTRA).is_file():
+            raise CheckpointError(f"{path}: missing, and {folder} has no {PREPARED_EXTRA} that would hold {name}'s state")
 
 
 def is_complete(folder: Path) -> bool:
