@@ -14,29 +14,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-VOC_CLASSES = (
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
-    "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
-    "sheep", "sofa", "train", "tvmonitor",
-)
+from data.voc import IGNORE_INDEX, VOC_CLASSES, VOC_PALETTE
+
 NUM_CLASSES = len(VOC_CLASSES)
-IGNORE_INDEX = 255
-
-
-def _voc_palette() -> list[int]:
-    """Return the standard VOC colormap (bit-shuffled label index) as 256*3 ints."""
-    palette = []
-    for label in range(256):
-        rgb, c = [0, 0, 0], label
-        for bit in range(8):
-            for ch in range(3):
-                rgb[ch] |= ((c >> ch) & 1) << (7 - bit)
-            c >>= 3
-        palette.extend(rgb)
-    return palette
-
-
-VOC_PALETTE = _voc_palette()
 
 # Bump when the scene generator changes: an older set is regenerated (prepare_root) or refused (make_synthetic).
 GENERATOR_VERSION = 2

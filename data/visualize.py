@@ -18,6 +18,7 @@ PALETTE = torch.tensor(VOC_PALETTE, dtype=torch.uint8).view(-1, 3)  # (256, 3), 
 IMAGES_LOGGED = 4  # samples of the first validation batch shown in TensorBoard
 OVERLAY_ALPHA = 0.5  # class colour over the photo (predict.py --alpha's default, evaluate.py's worst images)
 TITLE_HEIGHT = 14  # pixels of the white strip above a panel that names it (fits the default 10 px font)
+PREVIEW_HEIGHT = 160  # pixels of a pseudo depth preview panel (tools/make_depth.py --preview)
 
 Palette = Sequence[Sequence[int]]  # (K, 3) RGB 0..255, one per class
 

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-IGNORE_INDEX = 255
+from data.voc import IGNORE_INDEX
 DEPTH_EPS = 1e-3  # targets are inverse depth in 0..1: below this a pixel is "at infinity" and ratios blow up
 DELTA1 = 1.25
 

@@ -7,7 +7,6 @@ deterministic in its seed), so cells are compared seed by seed (sweeps/stats.py)
 """
 import json
 import os
-import platform
 import shlex
 import shutil
 import subprocess
@@ -189,19 +188,6 @@ def load_results(out: Path, cells: list[Cell], seeds: list[int]) -> dict[Cell, l
                 record.update({k: timing[k] for k in ("wall_s", "cpu_s") if k in timing})
             results[cell].append({"seed": seed, "folder": str(folder), **record})
     return results
-
-
-def machine() -> str:
-    """One line naming the machine the cells ran on."""
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{platform.system()} {platform.release()}, {cpu} ({os.cpu_count()} cores visible), {gpu}, torch {torch.__version__}"
 
 
 def check_settings(out: Path, settings: dict) -> None:

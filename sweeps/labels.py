@@ -11,7 +11,8 @@ from data import PRESETS
 from data.subsets import make_subsets, subset_name
 from schedules import SCHEDULES
 from sweeps import plots, stats
-from sweeps.cells import PREFIXES, Cell, machine, parse_steps, run_folder
+from run_state.machine import machine_line
+from sweeps.cells import PREFIXES, Cell, parse_steps, run_folder
 
 ALL = "all"  # --labelled all: the whole split
 METRICS = ("fg_mIoU", "mIoU")
@@ -103,7 +104,7 @@ def write_report(out: Path, args, splits: dict[str, int], results: dict, command
              f"Command: `{command}`", "",
              "Stage lengths in steps: " + ("; ".join(f"`{n}` {v.replace(',', '+')}" for n, v in steps.items()) or
                                            "train.py's (epochs)") + ".", "",
-             f"Machine: {machine()}.", "",
+             f"Machine: {machine_line()}.", "",
              f"Compute: {len(walls)} runs, {sum(walls) / 60:.1f} min of run time in all, {args.jobs} at a time"
              + (f"; their CPU time {sum(cpus) / 3600:.2f} h ({len(cpus)} runs measured: on an idle machine with "
                 f"{args.jobs} jobs of one thread, about {sum(cpus) / 3600 / args.jobs:.2f} h of wall time)" if cpus else "")
