@@ -112,12 +112,13 @@ def run_cell(cmd: list[str], folder: Path, keep_checkpoints: bool, threads: int 
     cpu = usage.ru_utime + usage.ru_stime
     if rc != 0 or not is_finished(folder):
         tail = (folder / "train.log").read_text(errors="replace").splitlines()[-15:]
-        print(f"  FAILED (exit {rc}) after {wall:.0f}s; last lines of {folder / 'train.log'}:\n    " + "\n    ".join(tail))
+        print(f"  FAILED (exit {rc}) after {wall:.0f}s; last lines of {folder / 'train.log'}:\n    " + "\n    ".join(tail)
+              + "\n", end="", flush=True)
         return False
     (folder / "run_tables.json").write_text(json.dumps({"wall_s": wall, "cpu_s": cpu, "command": cmd}, indent=2))
     if not keep_checkpoints:  # the tables need metrics.json; checkpoints are 100s of MB per cell
         shutil.rmtree(folder / "checkpoints", ignore_errors=True)
-    print(f"  done in {wall:.0f}s ({cpu:.0f}s of CPU time)")
+    print(f"  {folder}: done in {wall:.0f}s ({cpu:.0f}s of CPU time)\n", end="", flush=True)
     return True
 
 
@@ -149,9 +150,10 @@ def run_jobs(jobs: list[tuple[int, Cell]], out: Path, args, command) -> list[str
     def job(i: int, seed: int, cell: Cell) -> str | None:
         folder = run_folder(out, cell, seed)
         if is_finished(folder):
-            print(f"[{i + 1}/{len(jobs)}] {cell.folder} seed {seed}: finished before, skipped")
+            print(f"[{i + 1}/{len(jobs)}] {cell.folder} seed {seed}: finished before, skipped\n", end="", flush=True)
             return None
-        print(f"[{i + 1}/{len(jobs)}] {cell.folder} seed {seed}: training in {folder}", flush=True)
+        # one write per line: jobs print from several threads
+        print(f"[{i + 1}/{len(jobs)}] {cell.folder} seed {seed}: training in {folder}\n", end="", flush=True)
         ok = run_cell(command(cell, seed, folder), folder, args.keep_checkpoints, threads)
         return None if ok else f"{cell.folder}/seed{seed}"
 

@@ -136,12 +136,12 @@ def report_header(args, results: dict[Cell, list[dict]]) -> str:
         mode = (f"**equal budget**: every schedule trains {args.budget} epochs in all, split equally across its stages, "
                 f"the remainder to the last stage ({splits})")
     else:
-        mode = ("**per-stage epochs** (train.py's preset default or `--stage-epochs` from the train args): every stage "
-                "gets them, so schedules with more stages train longer")
+        mode = ("**per-stage lengths** (the preset's, or `--stage-epochs` / `--stage-steps` from the train args): every "
+                "stage gets them, so schedules with more stages train longer")
     walls = [r["wall_s"] for recs in results.values() for r in recs if "wall_s" in r]
     return "\n".join([
         f"Command: `{command_line(args)}`", "",
-        f"Epochs: {mode}.", "",
+        f"Stage lengths: {mode}.", "",
         f"Machine: {machine_line()}.", "",
         f"Compute: {len(walls)} runs, {sum(walls) / 60:.1f} min of wall time in all "
         f"({statistics.fmean(walls) if walls else 0:.0f} s per run on average).", "",

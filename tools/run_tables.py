@@ -90,7 +90,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="results folder: runs/, prefixes/, results.md/.csv/.png")
     p.add_argument("--budget", type=int, default=None,
                    help="total epochs per schedule, split equally across stages (remainder to the last); "
-                        "default: train.py's per-stage epochs")
+                        "default: train.py's stage lengths (the preset's)")
     p.add_argument("--weighting", nargs="*", default=[], choices=[w for w in WEIGHTINGS if w != "paper"],
                    help="also run b and d_s_b+copy with these joint weightings (train.py --joint-weighting)")
     p.add_argument("--cells", nargs="*", default=None,
