@@ -232,7 +232,8 @@ def main(args):
     )
     set_seed(args.seed, device_specific=True)
     out = Path(args.output_dir)
-    stages = get_schedule(args.schedule, args.stage_epochs, preset.epochs, args.loss_weights, args.stage_steps)
+    stages = get_schedule(args.schedule, args.stage_epochs, preset.epochs, args.loss_weights, args.stage_steps,
+                          dict(preset.stage_steps or {}))
     tasks = schedule_tasks(stages)
     copies = copy_plan(stages) if args.copy_weights else {}
     if args.copy_weights and not copies:
@@ -247,7 +248,7 @@ def main(args):
     datasets = [d for d in (pool.labelled, val_set, pool.depth_only) if d is not None]
     skipped = {ds.split: len(ds.skipped) for ds in datasets}
     config = ModelConfig(encoder=args.encoder, tasks=tasks, num_classes=preset.num_classes,
-                         class_names=preset.class_names, palette=preset.palette)
+                         decoder_channels=args.decoder_channels, class_names=preset.class_names, palette=preset.palette)
     model = build_model(config, args.encoder_weights).to(memory_format=torch.channels_last)
     focal = FocalLoss(args.focal_gamma)
     options = LoopOptions(args.lr, args.lr_schedule, args.warmup, args.log_every, args.checkpoint_every,
@@ -345,7 +346,8 @@ def get_args_parser():
                    help="S or S1,S2,...: stage lengths in optimizer steps instead of epochs (a depth pool many times "
                         "the labelled set); each stage validates every --val-every steps")
     p.add_argument("--val-every", type=int, default=None,
-                   help="with --stage-steps: steps between validations (and checkpoints); default: a tenth of the stage")
+                   help="stages in steps: steps between validations (and checkpoints); 0: once, at the stage's end "
+                        "(default: the preset's, else a tenth of the stage)")
     p.add_argument("--dataset", default="synthetic", choices=sorted(PRESETS), help="dataset preset")
     p.add_argument("--data-root", default=None, help="dataset folder (default: the preset's; synthetic is generated there)")
     p.add_argument("--train-split", default=None,
@@ -362,6 +364,8 @@ def get_args_parser():
     p.add_argument("--encoder", default=None, choices=["resnet18", "resnet34", "resnet50", "resnet101"],
                    help="ResNet encoder (default: the preset's; voc: resnet50 as in the paper, synthetic: resnet18)")
     p.add_argument("--encoder-weights", default=None, help="imagenet | none | PATH (default: the preset's)")
+    p.add_argument("--decoder-channels", type=lambda t: tuple(parse_int_list(t)), default=None,
+                   help="the UNet decoders' widths, deepest block first (default: the preset's; smp's 256,128,64,32,16)")
     p.add_argument("--batch-size", type=int, default=None, help="images per process per step (default: the preset's)")
     p.add_argument("--val-batch-size", type=int, default=4, help="validation images per process per step")
     p.add_argument("--crop-size", type=int, default=None, help="training crop (default: the preset's)")

@@ -27,12 +27,16 @@ class Preset:
     base_size: int  # random rescale is relative to this
     crop_size: int
     batch_size: int
-    epochs: int  # per stage when --stage-epochs is not given
+    epochs: int  # per stage when neither --stage-epochs nor --stage-steps is given (and no stage_steps below)
     encoder_weights: str
     encoder: str = "resnet50"  # the paper's
     lr: float = 1e-4  # the paper's Adam learning rate
     lr_schedule: str = "constant"  # the paper's: no decay mentioned
     warmup: float = 0.0
+    # stage lengths in steps by stage name ((name, steps) pairs), instead of `epochs`; None: epochs
+    stage_steps: tuple[tuple[str, int], ...] | None = None
+    val_every: int | None = None  # steps between validations in a stage given in steps (0: once, at its end)
+    decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)  # smp's Unet default
     num_classes: int = 21
     train_split: str = "train"
     val_split: str = "val"
@@ -105,14 +109,17 @@ class Preset:
 
 # train.py flags whose default (None) means "the dataset preset's"
 FROM_PRESET = ("data_root", "encoder", "encoder_weights", "batch_size", "crop_size", "base_size", "lr", "lr_schedule",
-               "warmup", "train_split")
+               "warmup", "train_split", "val_every", "decoder_channels")
 
 
 PRESETS = {
     # from scratch in minutes on a 2-core CPU (README: the default run's metrics): a small encoder, 96 px, and the
     # higher lr with warmup and cosine decay that from-scratch training wants (docs/results.md: what 1e-4 gives)
-    "synthetic": Preset("datasets/synthetic", base_size=96, crop_size=96, batch_size=16, epochs=3, encoder_weights="none",
-                        encoder="resnet18", lr=1e-3, lr_schedule="cosine", warmup=0.05),
+    # the five-minute demo: 96 px scenes, 64 px crops (scale 0.5-2 of 96), stage lengths in steps (an epoch is 62),
+    # validated once at each stage's end; docs/results.md and the README say what each choice costs and buys
+    "synthetic": Preset("datasets/synthetic", base_size=96, crop_size=64, batch_size=16, epochs=3, encoder_weights="none",
+                        encoder="resnet18", lr=1e-3, lr_schedule="cosine", warmup=0.05,
+                        stage_steps=(("d", 60), ("s", 400), ("b", 160)), val_every=0),
     # torchvision reference sizes (base 520, crop 480); the paper gives no epochs, 30 per stage is our choice
     "voc": Preset("datasets/VOCdevkit/VOC2012", base_size=520, crop_size=480, batch_size=8, epochs=30, encoder_weights="imagenet"),
     # your own VOC-format folder: VOC's recipe; the classes (and their number) come from its classes.txt (for_root)

@@ -57,10 +57,11 @@ def per_stage(values: list[int] | None, stages: list[Stage], flag: str) -> list[
 
 def get_schedule(
     name: str, stage_epochs: list[int] | None = None, default_epochs: int = 1, joint_weights: tuple[float, float] | None = None,
-    stage_steps: list[int] | None = None,
+    stage_steps: list[int] | None = None, default_steps: dict[str, int] | None = None,
 ) -> list[Stage]:
     """The named schedule with every stage's length (epochs, or steps: one value for all, or one per stage) and joint
-    weights filled in. A stage given steps trains that many optimizer steps whatever the size of its images."""
+    weights filled in. A stage given steps trains that many optimizer steps whatever the size of its images. Neither
+    given: `default_steps` by stage name (s, d, b; a dataset preset's) if given, else `default_epochs` each."""
     if name not in SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; choose from {', '.join(SCHEDULES)}")
     if stage_epochs is not None and stage_steps is not None:
@@ -68,6 +69,8 @@ def get_schedule(
     stages = SCHEDULES[name]
     stage_epochs = per_stage(stage_epochs, stages, "--stage-epochs")
     stage_steps = per_stage(stage_steps, stages, "--stage-steps")
+    if stage_epochs is None and stage_steps is None and default_steps:
+        stage_steps = [default_steps[stage.name] for stage in stages]
     out = []
     for i, stage in enumerate(stages):
         if stage_steps:
@@ -105,11 +108,11 @@ def copy_plan(stages: list[Stage]) -> dict[int, tuple[str, str]]:
 
 def stage_rounds(stage: Stage, epoch_steps: int, val_every: int | None = None, cap: int | None = None) -> list[int]:
     """Optimizer steps of each round of a stage (a round ends with validation and a checkpoint): its epochs of
-    `epoch_steps` steps each (at most `cap`), or its steps in rounds of `val_every` (default: a tenth of the stage),
-    the last round taking what is left."""
+    `epoch_steps` steps each (at most `cap`), or its steps in rounds of `val_every` (None: a tenth of the stage; 0: the
+    whole stage, validated once at its end), the last round taking what is left."""
     if stage.steps is None:
         return [min(epoch_steps, cap or epoch_steps)] * stage.epochs
-    every = val_every or math.ceil(stage.steps / 10)
+    every = stage.steps if val_every == 0 else val_every or math.ceil(stage.steps / 10)
     full, rest = divmod(stage.steps, every)
     return [every] * full + ([rest] if rest else [])
 

@@ -137,6 +137,16 @@ def test_stage_lengths_in_steps_make_rounds():
         get_schedule("d_s_b", stage_steps=[10, 10])
 
 
+def test_a_presets_steps_by_stage_name_apply_when_no_length_is_given():
+    by_name = {"d": 40, "s": 200, "b": 80}
+    assert [s.steps for s in get_schedule("d_s_b", default_steps=by_name)] == [40, 200, 80]
+    assert [s.steps for s in get_schedule("s", default_steps=by_name)] == [200]
+    assert [s.epochs for s in get_schedule("d_s_b", [2], default_steps=by_name)] == [2, 2, 2]  # the flag wins
+    assert [s.steps for s in get_schedule("s_b", stage_steps=[7], default_steps=by_name)] == [7, 7]
+    only_once = get_schedule("s", stage_steps=[130])[0]
+    assert stage_rounds(only_once, epoch_steps=9, val_every=0) == [130]  # 0: validated once, at the stage's end
+
+
 def test_reusing_a_stage_prefix_gives_the_weights_of_training_it_again(few, tmp_path, fresh_accelerate):
     root, _, _ = few
     store = tmp_path / "prefixes"

@@ -1,4 +1,5 @@
 """End to end: every schedule trains on the synthetic set; stage mechanics; two real CPU ranks."""
+import dataclasses
 import json
 from pathlib import Path
 
@@ -56,6 +57,21 @@ def test_every_schedule_trains_end_to_end(schedule, copy, tiny_voc, tmp_path, fr
                 "d_s_b": [("depth", "seg")]}.get(schedule, []) if copy else []
     assert [(s, d) for s, d, _, _ in copies] == expected
     assert all(equal and complete for _, _, equal, complete in copies)
+
+
+def test_the_presets_stage_steps_and_decoder_widths_reach_the_run(tiny_voc, tmp_path, fresh_accelerate, monkeypatch):
+    """No length flag: the preset's steps by stage name, validated once at the stage's end; --decoder-channels
+    reaches the model and its config.json."""
+    quick = dataclasses.replace(PRESETS["synthetic"], stage_steps=(("d", 3), ("s", 2), ("b", 1)), val_every=0)
+    monkeypatch.setitem(PRESETS, "synthetic", quick)
+    out = tmp_path / "run"
+    argv = TINY[:TINY.index("--stage-epochs")] + TINY[TINY.index("--workers"):]  # no length flags
+    train.main(quick.fill(train.get_args_parser().parse_args(
+        ["--data-root", str(tiny_voc), "--output-dir", str(out), *argv, "--schedule", "d_s_b",
+         "--decoder-channels", "32,16,16,8,8"])))
+    lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [(line["stage_name"], line["steps"]) for line in lines] == [("d", 3), ("s", 2), ("b", 1)]
+    assert load_model(out / "checkpoints" / "last").config.decoder_channels == (32, 16, 16, 8, 8)
 
 
 def test_decoder_outside_a_stage_is_bit_identical_and_gets_no_gradient(tiny_voc, tmp_path, fresh_accelerate):
