@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from data import PRESETS, Preset, collate, get_transform, guess_dataset, prepare_root
 from data.visualize import colorize_label, denormalize, to_palette_png
 from data.voc import depth_fix_command
-from models.io import resolve_checkpoint
+from models.io import CheckpointError, resolve_checkpoint
 from evaluation.inference import (BACKENDS, Predictor, load_config, load_predictor, onnx_file, predict_batch,
                                   predict_image)
 from evaluation.metrics import ConfusionMatrix, SegEvaluator
@@ -343,4 +343,7 @@ def get_args_parser():
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    try:
+        main(get_args_parser().parse_args())
+    except CheckpointError as exc:  # names the file and what is wrong with it: no traceback
+        sys.exit(f"evaluate.py: error: {exc}")

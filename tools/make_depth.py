@@ -34,6 +34,7 @@ from tqdm import tqdm
 from data import PRESETS
 from data.visualize import colorize_depth, titled
 from data.voc import DataError, read_split, resolve_voc_root
+from models.files import umask
 
 DEPTH_DIR = "PseudoDepth"
 META_NAME = "meta.json"
@@ -96,6 +97,7 @@ def save_png_atomic(array: np.ndarray, path: Path) -> None:
     """Write a PNG through a temp file in the same folder, fsync, then rename over path."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=TMP_SUFFIX)
     try:
+        os.fchmod(fd, 0o666 & ~umask())  # mkstemp's 0600 would carry into place: the umask's mode, as open() gives
         with os.fdopen(fd, "wb") as f:
             Image.fromarray(array).save(f, format="PNG")
             f.flush()

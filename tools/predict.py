@@ -28,6 +28,7 @@ from data.visualize import colorize_depth, colorize_label, to_palette_png  # noq
 from data.transforms import eval_image  # noqa: E402
 from data.voc import DataError, read_rgb  # noqa: E402
 from evaluation.inference import BACKENDS, Predictor, load_predictor, predict_image  # noqa: E402
+from models.files import CheckpointError  # noqa: E402
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # what a folder given as --input contributes
 OVERLAY_QUALITY = 90  # JPEG quality of the overlays
@@ -159,4 +160,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    try:
+        main(get_args_parser().parse_args())
+    except CheckpointError as exc:  # names the file and what is wrong with it: no traceback
+        sys.exit(f"predict.py: error: {exc}")
