@@ -171,7 +171,8 @@ def save_checkpoint(accelerator, model, out: Path, state: TrainState, best: bool
     if accelerator.is_main_process:
         try:
             write_files(accelerator, model, tmp, state, extra or {}, needed)
-            fsync_tree(tmp)
+            with writing(tmp, needed):
+                fsync_tree(tmp)
             fault_point("save")
             with writing(ckpt / "last", needed):
                 publish(tmp, ckpt / "last")

@@ -153,11 +153,11 @@ def test_two_processes_stop_when_the_main_one_cannot_write(kind, tiny_voc, tmp_p
     collective) or a log line (the other process waits in a collective until the launcher ends it, or
     --dist-timeout): both exit well within the timeout, non-zero, the message naming the path."""
     out = tmp_path / "ddp"
+    args = ["--data-root", tiny_voc, "--output-dir", out, *TINY, "--schedule", "s", "--stage-epochs", "2",
+            "--max-steps-per-epoch", "1", "--batch-size", "2", "--dist-timeout", "60"]
     tic = time.monotonic()
-    proc = launch_two_ranks(HELPER, REPO / "train.py", "--data-root", tiny_voc, "--output-dir", out, *TINY,
-                            "--schedule", "s", "--stage-epochs", "2", "--max-steps-per-epoch", "1",
-                            "--batch-size", "2", "--dist-timeout", "60", cwd=tmp_path,
-                            env={**ENV, FAIL_ENV: f"{kind}:2"}, timeout=300)
+    proc = launch_two_ranks(HELPER, REPO / "train.py", *args, cwd=tmp_path, env={**ENV, FAIL_ENV: f"{kind}:2"},
+                            timeout=300)
     elapsed = time.monotonic() - tic
     assert proc.returncode != 0 and elapsed < 150, (proc.returncode, elapsed, proc.stderr[-3000:])
     path = out / "checkpoints" / ".last.tmp" / kind if kind.endswith(".bin") else out / kind
@@ -168,6 +168,11 @@ def test_two_processes_stop_when_the_main_one_cannot_write(kind, tiny_voc, tmp_p
         assert len(messages) == 2  # each process stops with the same line
     assert train_state(out / "checkpoints" / "last")["epoch"] == 1 and verify(out / "checkpoints" / "last") == []
     assert json.loads((out / "log.jsonl").read_text().splitlines()[0])["world_size"] == 2
+    if kind.endswith(".bin"):  # with room again, both processes resume (the main one verifies, both load)
+        proc = launch_two_ranks(REPO / "train.py", *args, "--resume", "auto", cwd=tmp_path, env=ENV, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert train_state(out / "checkpoints" / "last")["epoch"] == 2
+        assert [json.loads(x)["epoch"] for x in (out / "log.jsonl").read_text().splitlines()] == [0, 1]
 
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EACCES])

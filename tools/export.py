@@ -150,7 +150,7 @@ def main(args: argparse.Namespace) -> None:
         )
     publish(tmp, out)
     print(f"exported to {out}: model.safetensors, config.json, {TORCHSCRIPT_NAME}, {ONNX_NAME}"
-          f"{', ' + INT8_NAME if args.int8 else ''}, {REPORT_NAME}")
+          f"{', ' + INT8_NAME if args.int8 else ''}, {REPORT_NAME}, {MANIFEST_NAME}")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
