@@ -123,8 +123,8 @@ def load_predictor(model: str | Path, backend: str = "torch", device: str | torc
     """A checkpoint, run or exported folder (torch) or an exported ONNX file as a Predictor of `tasks` (default:
     every decoder it has), with its config (see load_config); every file verified against the folder's manifest."""
     if (path := onnx_file(model, backend)) is not None:
-        config = load_config(model, backend)
-        check(path.parent, [path.name])
-        return onnx_predictor(path, torch.device(device).type), config
+        if path.is_file():  # else onnx_session says how to make one
+            check(path.parent, [path.name])  # before ONNX Runtime reads it
+        return onnx_predictor(path, torch.device(device).type), load_config(model, backend)
     net = load_model(model)
     return torch_predictor(for_inference(net, device), tasks), net.config
