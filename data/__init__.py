@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 from data import cityscapes
 from data.cityscapes import CityscapesSegmentation, resolve_cityscapes_root
 from data.folder import CLASSES_FILE, read_classes
-from data.pools import (DepthOnlyChoice, DepthOnlyImages, TrainPool, choose_depth_only, open_depth_only,
+from data.pools import (REST, DepthOnlyChoice, DepthOnlyImages, TrainPool, choose_depth_only, open_depth_only,
                         voc_fix_command, voc_images)
 from data.transforms import collate, get_transform
 from data.voc import (IGNORE_INDEX, VOC_CLASSES, VOC_COLOURS, DataError, Depth, VOCSegmentation, depth_fix_command,
@@ -82,9 +82,10 @@ class Preset:
         return VOCSegmentation(root, split, transforms, with_depth, self.for_root(root).num_classes, check)
 
     def open_depth_only(self, root: str | Path, spec: str, labelled: list[str], val: list[str], with_val: bool = False,
-                        transforms=None, check: bool = True) -> tuple[DepthOnlyImages, DepthOnlyChoice]:
+                        transforms=None, check: bool = True) -> tuple[DepthOnlyImages | None, DepthOnlyChoice]:
         """The depth-only images of `--depth-only spec` (data/pools.py): none of the labelled ids, and none of the val
-        ids unless with_val; DataError when none is left or one has no image or no pseudo depth."""
+        ids unless with_val (None when `rest` leaves none: every image is labelled); DataError when a listed split
+        leaves none, or an image has no pseudo depth."""
         if self.reader == "cityscapes":
             root = resolve_cityscapes_root(root)
             images = cityscapes.depth_only_images(root, spec)
@@ -94,9 +95,11 @@ class Preset:
             root = resolve_voc_root(root)
             images, fix = voc_images(root, spec), voc_fix_command(root, spec)
         choice = choose_depth_only(list(images), labelled, val, with_val)
-        if not choice.ids:
+        if not choice.ids and spec != REST:  # `rest` may be empty: every image is labelled (a sweep's `all`)
             raise DataError(f"{root}: --depth-only {spec} leaves no image ({choice.listed} listed, "
                             f"{choice.labelled_dropped} labelled, {choice.val_dropped} in the val split)")
+        if not choice.ids:
+            return None, choice
         return open_depth_only(images, root / "PseudoDepth", choice, fix, transforms, check), choice
 
 

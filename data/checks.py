@@ -119,14 +119,11 @@ def report(root, splits: dict[str, VOCSegmentation | None], problems: list[Probl
 
 def check_data(root, splits: list[str], need_depth: bool, dataset, workers: int = 0) -> tuple[str, int]:
     """Run every check on the splits; returns the report and the number of errors. dataset: the Preset that opens
-    the splits (preset.open), or an int, the number of classes of a VOC-format folder."""
+    the splits (preset.open)."""
     problems, datasets = [], {}
     for split in dict.fromkeys(splits):
         try:
-            if isinstance(dataset, int):
-                datasets[split] = VOCSegmentation(root, split, None, need_depth, dataset, check=False)
-            else:
-                datasets[split] = dataset.open(root, split, None, need_depth, check=False)
+            datasets[split] = dataset.open(root, split, None, need_depth, check=False)
         except DataError as exc:  # no split list, an empty one, not a dataset folder, a bad classes.txt
             datasets[split] = None
             problems.append(Problem(split, "", str(exc)))

@@ -1,4 +1,9 @@
-"""Built-in synthetic VOC-format demo set: occluding objects of 20 classes with true depth."""
+"""Built-in synthetic VOC-format demo set: occluding objects of 20 classes with true depth.
+
+Three families: colour (each class its own hue and shape), depth-cue (objects camouflaged as
+the ground behind them) and bands (class = a silhouette group x the depth band the object stands in: depth tells
+the class, the image only through perspective). Besides train and val, `num_extra` depth-only scenes (image and
+pseudo depth, no labels, split `extra`) stand in for unlabelled photos."""
 from __future__ import annotations
 
 import json
@@ -9,35 +14,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-VOC_CLASSES = (
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
-    "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
-    "sheep", "sofa", "train", "tvmonitor",
-)
+from data.voc import IGNORE_INDEX, VOC_CLASSES, VOC_PALETTE
+
 NUM_CLASSES = len(VOC_CLASSES)
-IGNORE_INDEX = 255
-
-
-def _voc_palette() -> list[int]:
-    """Return the standard VOC colormap (bit-shuffled label index) as 256*3 ints."""
-    palette = []
-    for label in range(256):
-        rgb, c = [0, 0, 0], label
-        for bit in range(8):
-            for ch in range(3):
-                rgb[ch] |= ((c >> ch) & 1) << (7 - bit)
-            c >>= 3
-        palette.extend(rgb)
-    return palette
-
-
-VOC_PALETTE = _voc_palette()
 
 # Bump when the scene generator changes: an older set is regenerated (prepare_root) or refused (make_synthetic).
 GENERATOR_VERSION = 2
 JPEG_QUALITY = 95
 MIN_SIZE = 16  # smaller images leave objects only a boundary band wide
 SPLITS = ("train", "val")
+EXTRA_SPLIT = "extra"  # depth-only scenes (no SegmentationClass / SegmentationObject), per-image seed index 2
 DEFAULTS = {"num_train": 1000, "num_val": 200, "size": 96}  # the demo set: trains to fg_mIoU > 0.6 in minutes
 DEPTH_MAX_CODE = 65535  # 16-bit code of the nearest pixel (inverse depth 1)
 
@@ -87,6 +73,20 @@ PIXEL_NOISE = 3.0  # std of i.i.d. sensor noise (grey levels)
 CUE_STRIPE_AMP = 30.0
 CUE_TESTBED = 0.7  # --depth-cue alone: still learnable from scratch in minutes (fg_mIoU 0.27 after 300 steps at 96 px),
 # where 1 (full camouflage: shape and the stripe break alone) gave 0.01
+# --bands: the positive control of the depth-first question. Class k + 1 = silhouette group k // 4 (a shape and a hue
+# of its own: BAND_GROUP_SHAPES, 72 degrees apart) x depth band k % 4 (BAND_DEPTHS, each +-BAND_JITTER, apart by more
+# than that): the four classes of a group look alike but for what depth tells. The depth map shows the band plainly;
+# the image only through perspective: apparent size (blurred by SIZE_JITTER, which spans more than a band's step),
+# height on the ground, and stripes of a fixed world period (BAND_TEXTURE_PERIOD depth units), finer the farther.
+BAND_GROUP_SHAPES = ("ellipse", "rectangle", "triangle", "star", "ring")
+BAND_DEPTHS = np.geomspace(2.2, 8.0, 4)  # band centres, 1.54x apart
+BAND_JITTER = 0.08  # relative spread of depths within a band
+BAND_TEXTURE_PERIOD = 0.45  # stripe period x image size / depth = pixels: 13 px (nearest) .. 3.6 px (farthest) at 64 px
+BAND_TEXTURE_AMP = 18.0  # grey levels
+# The ground reaches nearer than every object (its bottom row), so that the per-image normalisation of the stored
+# inverse depth (its nearest pixel = 1) is the same in every scene and a band is a range of stored values
+# (about 0.67, 0.42, 0.26, 0.16 for the four centres), as a metric depth would be, not relative to the nearest object.
+BAND_GROUND_NEAR = 1.5
 
 
 def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -152,11 +152,12 @@ def _boundary_band(instances: np.ndarray) -> np.ndarray:
     return band
 
 
-def _background(rng: np.random.Generator, size: int, depth_cue: float) -> dict[str, np.ndarray]:
-    """Return the background scene: image (H, W, 3), metric depth (H, W), and its look (for camouflage)."""
+def _background(rng: np.random.Generator, size: int, depth_cue: float, near: float = BG_NEAR) -> dict[str, np.ndarray]:
+    """Return the background scene: image (H, W, 3), metric depth (H, W) from `near` at the bottom row, and its look
+    (for camouflage)."""
     rows = np.linspace(0, 1, size)[:, None]  # 0 = top
     cols = np.linspace(-0.5, 0.5, size)[None, :]
-    depth = BG_NEAR * (BG_FAR / BG_NEAR) ** ((1 - rows) ** BG_CURVE)
+    depth = near * (BG_FAR / near) ** ((1 - rows) ** BG_CURVE)
     depth = depth * (1 + rng.uniform(-BG_TILT, BG_TILT) * cols)
     top, bottom = _hsv_to_rgb(rng.uniform(0, 1, 2), rng.uniform(*BG_SATURATION, 2), rng.uniform(*BG_VALUE, 2))
     base = top + (bottom - top) * rows[..., None] + BG_BLOTCH_AMP * _smooth_field(rng, size, 3)
@@ -172,19 +173,23 @@ def _stripes(depth: np.ndarray, look: dict) -> np.ndarray:
     return np.sin(2 * np.pi * depth / look["period"] + look["phase"])
 
 
-def _paint_object(rng: np.random.Generator, scene: dict, k: int, slot: int, light: np.ndarray, depth_cue: float) -> None:
-    """Paint instance k (class, shape, depth slot, texture) over whatever is already in scene."""
-    size = scene["label"].shape[0]
-    cls = int(rng.integers(1, NUM_CLASSES))
+def _place(rng: np.random.Generator, size: int, slot: int) -> tuple[float, float, float, float, float]:
+    """Draw an object's base depth in its slot, apparent radius, centre and rotation: (z, radius, cx, cy, angle)."""
     z = OBJECT_DEPTHS[slot] * (1 + rng.uniform(-DEPTH_JITTER, DEPTH_JITTER))
     near = 1 - slot / (len(OBJECT_DEPTHS) - 1)  # 1 = nearest slot
     radius = OBJECT_SCALE * size / z * rng.uniform(*SIZE_JITTER)
     cx = rng.uniform(CENTRE_MARGIN, 1 - CENTRE_MARGIN) * size
     # Nearer objects stand lower in the frame, as on a ground plane.
     cy = np.clip(GROUND_TOP + GROUND_SPAN * near + rng.normal(0, GROUND_JITTER), CENTRE_MARGIN, 1 - CENTRE_MARGIN)
-    cy *= size
+    return z, radius, cx, cy * size, np.deg2rad(rng.uniform(-ROTATION_MAX_DEG, ROTATION_MAX_DEG))
+
+
+def _paint_object(rng: np.random.Generator, scene: dict, k: int, cls: int, slot: int, light: np.ndarray,
+                  depth_cue: float) -> None:
+    """Paint instance k of class cls (shape, depth slot, texture) over whatever is already in scene."""
+    size = scene["label"].shape[0]
+    z, radius, cx, cy, angle = _place(rng, size, slot)
     shape, aspect = SHAPES[(cls - 1) % len(SHAPES)], ASPECTS[(cls - 1) // len(SHAPES)]
-    angle = np.deg2rad(rng.uniform(-ROTATION_MAX_DEG, ROTATION_MAX_DEG))
     ys, xs = np.nonzero(_object_mask(shape, radius, aspect, angle, cx, cy, size))
     dx, dy = (xs - cx) / size, (ys - cy) / size
     slope = rng.uniform(-MAX_SLOPE, MAX_SLOPE, 2)
@@ -207,16 +212,48 @@ def _paint_object(rng: np.random.Generator, scene: dict, k: int, slot: int, ligh
     scene["instances"][ys, xs] = k
 
 
-def _render_scene(rng: np.random.Generator, size: int, depth_cue: float = 0.0) -> dict[str, np.ndarray]:
+def _paint_banded(rng: np.random.Generator, scene: dict, k: int, cls: int, z: float, light: np.ndarray) -> None:
+    """The bands family's object of class cls at depth z: its group's shape and hue, stripes of a world period."""
+    size = scene["label"].shape[0]
+    group = (cls - 1) // len(BAND_DEPTHS)
+    radius = OBJECT_SCALE * size / z * rng.uniform(*SIZE_JITTER)
+    near = np.log(BAND_DEPTHS[-1] / z) / np.log(BAND_DEPTHS[-1] / BAND_DEPTHS[0])  # 1 = nearest band's centre
+    cx = rng.uniform(CENTRE_MARGIN, 1 - CENTRE_MARGIN) * size
+    cy = np.clip(GROUND_TOP + GROUND_SPAN * near + rng.normal(0, GROUND_JITTER), CENTRE_MARGIN, 1 - CENTRE_MARGIN) * size
+    angle = np.deg2rad(rng.uniform(-ROTATION_MAX_DEG, ROTATION_MAX_DEG))
+    ys, xs = np.nonzero(_object_mask(BAND_GROUP_SHAPES[group], radius, 1.0, angle, cx, cy, size))
+    scene["depth"][ys, xs] = z
+    hsv = (group / len(BAND_GROUP_SHAPES) + rng.normal(0, HUE_JITTER), CLASS_SATURATION + rng.normal(0, SAT_JITTER),
+           CLASS_VALUE + rng.normal(0, VALUE_JITTER))
+    colour = _hsv_to_rgb(*(np.clip(c, 0, 1) if i else c for i, c in enumerate(hsv)))
+    theta, phase = rng.uniform(0, np.pi), rng.uniform(0, 2 * np.pi)
+    period = BAND_TEXTURE_PERIOD * size / z  # pixels: a fixed period in the world looks finer the farther it is
+    stripes = np.sin(2 * np.pi * (xs * np.cos(theta) + ys * np.sin(theta)) / period + phase)
+    dx, dy = (xs - cx) / size, (ys - cy) / size
+    shade = 1 + SHADE_AMP * np.clip((dx * light[0] + dy * light[1]) * size / radius, -1, 1)
+    scene["image"][ys, xs] = (colour + BAND_TEXTURE_AMP * stripes[:, None]) * shade[:, None]
+    scene["label"][ys, xs] = cls
+    scene["instances"][ys, xs] = k
+
+
+def _render_scene(rng: np.random.Generator, size: int, depth_cue: float = 0.0, bands: bool = False) -> dict[str, np.ndarray]:
     """Paint one scene far to near; return uint8 image, label, instances (with 255 band) and depth."""
-    scene = _background(rng, size, depth_cue)
+    scene = _background(rng, size, depth_cue, BAND_GROUND_NEAR if bands else BG_NEAR)
     scene.update(label=np.zeros((size, size), np.uint8), instances=np.zeros((size, size), np.uint8))
     num = rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1)
-    slots = np.sort(rng.choice(len(OBJECT_DEPTHS), num, replace=False))[::-1]
+    if bands:  # the class sets the depth: drawn first, each object at a depth in its class's band
+        classes = rng.integers(1, NUM_CLASSES, num)
+        depths = BAND_DEPTHS[(classes - 1) % len(BAND_DEPTHS)] * (1 + rng.uniform(-BAND_JITTER, BAND_JITTER, num))
+    else:
+        slots = np.sort(rng.choice(len(OBJECT_DEPTHS), num, replace=False))[::-1]
     light = rng.normal(size=2)
     light /= np.linalg.norm(light)
-    for k, slot in enumerate(slots, start=1):
-        _paint_object(rng, scene, k, slot, light, depth_cue)  # far to near: nearer objects occlude
+    if bands:
+        for k, i in enumerate(np.argsort(-depths), start=1):  # far to near: nearer objects occlude
+            _paint_banded(rng, scene, k, int(classes[i]), float(depths[i]), light)
+    else:
+        for k, slot in enumerate(slots, start=1):
+            _paint_object(rng, scene, k, int(rng.integers(1, NUM_CLASSES)), slot, light, depth_cue)
     del scene["look"]
     image = scene["image"] * rng.uniform(*LIGHT_GAIN) * (1 + LIGHT_FIELD_AMP * _smooth_field(rng, size, 1))
     scene["image"] = np.clip(image + rng.normal(0, PIXEL_NOISE, image.shape), 0, 255).round().astype(np.uint8)
@@ -246,26 +283,30 @@ def _save_palette(array: np.ndarray, path: Path) -> None:
 
 
 def _write_set(root: Path, params: dict) -> None:
-    """Generate every image of both splits into root."""
+    """Generate every image of both splits (and the depth-only extra scenes) into root."""
     for sub in ("JPEGImages", "SegmentationClass", "SegmentationObject", "PseudoDepth", "ImageSets/Segmentation"):
         (root / sub).mkdir(parents=True)
     lists = {}
-    for split_index, split in enumerate(SPLITS):
-        ids = [f"syn_{split}_{i:05d}" for i in range(params[f"num_{split}"])]
+    for split_index, split in enumerate((*SPLITS, EXTRA_SPLIT)):  # extra: index 2, after train and val
+        ids = [f"syn_{split}_{i:05d}" for i in range(params.get(f"num_{split}", 0))]
         for i, name in enumerate(ids):
             # Per-image seed: each image is independent of the split sizes.
             rng = np.random.default_rng([params["seed"], split_index, i])
-            scene = _render_scene(rng, params["size"], params["depth_cue"])
+            scene = _render_scene(rng, params["size"], params["depth_cue"], params.get("bands", False))
             Image.fromarray(scene["image"]).save(root / "JPEGImages" / f"{name}.jpg", quality=JPEG_QUALITY)
-            _save_palette(scene["label"], root / "SegmentationClass" / f"{name}.png")
-            _save_palette(scene["instances"], root / "SegmentationObject" / f"{name}.png")
+            if split != EXTRA_SPLIT:  # extra scenes are unlabelled photos: image and pseudo depth only
+                _save_palette(scene["label"], root / "SegmentationClass" / f"{name}.png")
+                _save_palette(scene["instances"], root / "SegmentationObject" / f"{name}.png")
             Image.fromarray(depth_to_code(scene["depth"])).save(root / "PseudoDepth" / f"{name}.png")
         lists[split] = ids
+    extra = lists.pop(EXTRA_SPLIT)
     lists["trainval"] = lists["train"] + lists["val"]
+    if extra:  # listed last and only when there are any: a set without extras is as before
+        lists[EXTRA_SPLIT] = extra
     for split, ids in lists.items():
         (root / "ImageSets/Segmentation" / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
     meta = {"model": "synthetic-ground-truth", "native_output": "metric_depth",
-            "conversion": "inverse, per-image min-max to 0..65535", "count": len(lists["trainval"]),
+            "conversion": "inverse, per-image min-max to 0..65535", "count": len(lists["trainval"]) + len(extra),
             "dtype": "uint16", "nearest": DEPTH_MAX_CODE, "generator": "data/synthetic.py"}
     (root / "PseudoDepth" / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     # Written last: its presence marks a complete set.
@@ -277,7 +318,7 @@ def regenerate_if_old(out: str | Path) -> bool:
     existing = _read_params(Path(out))
     if existing is None or existing.get("version") == GENERATOR_VERSION:
         return False
-    params = {k: existing[k] for k in ("num_train", "num_val", "size", "seed") if k in existing}
+    params = {k: existing[k] for k in ("num_train", "num_val", "num_extra", "size", "seed", "bands") if k in existing}
     make_synthetic(out, **params, depth_cue=existing.get("depth_cue", 0.0), overwrite=True)
     return True
 
@@ -291,13 +332,20 @@ def _read_params(out: Path) -> dict | None:
 
 
 def make_synthetic(out: str | Path, num_train: int = DEFAULTS["num_train"], num_val: int = DEFAULTS["num_val"],
-                   size: int = DEFAULTS["size"], seed: int = 0, depth_cue: float = 0.0, overwrite: bool = False) -> Path:
-    """Generate the synthetic VOC-format set at out (atomically); a no-op if it already matches."""
+                   size: int = DEFAULTS["size"], seed: int = 0, depth_cue: float = 0.0, overwrite: bool = False,
+                   num_extra: int = 0, bands: bool = False) -> Path:
+    """Generate the synthetic VOC-format set at out (atomically); a no-op if it already matches.
+    num_extra: depth-only scenes (split `extra`); bands: the bands family (class = silhouette group x depth band)."""
     out = Path(out)
     params = {"num_train": num_train, "num_val": num_val, "size": size, "seed": seed, "depth_cue": depth_cue,
               "version": GENERATOR_VERSION}
-    if num_train < 1 or num_val < 1 or size < MIN_SIZE or not 0.0 <= depth_cue <= 1.0:
-        raise ValueError(f"need num_train >= 1, num_val >= 1, size >= {MIN_SIZE} and depth_cue in 0..1, got {params}")
+    # Keys only when not at their default: a set made before they existed keeps matching its SYNTHETIC.json.
+    params.update({k: v for k, v in (("num_extra", num_extra), ("bands", bool(bands))) if v})
+    if num_train < 1 or num_val < 1 or num_extra < 0 or size < MIN_SIZE or not 0.0 <= depth_cue <= 1.0:
+        raise ValueError(f"need num_train >= 1, num_val >= 1, num_extra >= 0, size >= {MIN_SIZE} and depth_cue in "
+                         f"0..1, got {params}")
+    if depth_cue and bands:
+        raise ValueError(f"depth_cue ({depth_cue}) and bands are two families; choose one")
     existing = _read_params(out)
     if existing == params:
         return out

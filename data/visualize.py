@@ -16,7 +16,9 @@ from data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 PALETTE = torch.tensor(VOC_PALETTE, dtype=torch.uint8).view(-1, 3)  # (256, 3), 255 = boundary colour
 IMAGES_LOGGED = 4  # samples of the first validation batch shown in TensorBoard
+OVERLAY_ALPHA = 0.5  # class colour over the photo (predict.py --alpha's default, evaluate.py's worst images)
 TITLE_HEIGHT = 14  # pixels of the white strip above a panel that names it (fits the default 10 px font)
+PREVIEW_HEIGHT = 160  # pixels of a pseudo depth preview panel (tools/make_depth.py --preview)
 
 Palette = Sequence[Sequence[int]]  # (K, 3) RGB 0..255, one per class
 
@@ -35,6 +37,13 @@ def palette_table(palette: Palette | None = None) -> Tensor:
 def colorize_label(label: Tensor, palette: Palette | None = None) -> Tensor:
     """(H, W) class ids -> (3, H, W) uint8 in the palette's colours (None: VOC's)."""
     return palette_table(palette)[label.long().clamp(0, 255).cpu()].permute(2, 0, 1)
+
+
+def overlay(image: Tensor, label: Tensor, palette: Palette | None = None, alpha: float = OVERLAY_ALPHA) -> Tensor:
+    """(3, H, W) uint8 photo with the class colours of `label` (H, W) blended over its non-background pixels; class 0
+    (background) keeps the photo."""
+    mixed = (1 - alpha) * image.float() + alpha * colorize_label(label, palette).float()
+    return torch.where((label.cpu() != 0)[None], mixed, image.float()).round().to(torch.uint8)
 
 
 def colorize_depth(depth: Tensor) -> Tensor:

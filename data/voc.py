@@ -17,14 +17,33 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from data.synthetic import VOC_CLASSES, VOC_PALETTE
-
-IGNORE_INDEX = 255
-DEPTH_SCALE = 65535.0  # 16-bit PNG -> 0..1 inverse depth (SPEC "Data")
+IGNORE_INDEX = 255  # label value of unlabelled pixels (VOC's object boundaries): no loss, no metric
+DEPTH_SCALE = 65535.0  # 16-bit PNG -> 0..1 inverse depth (README, "Pseudo depth")
 MISSING_SHOWN = 5  # ids named in a "missing files" error
 DEPTH_MODES_16BIT = ("I;16", "I;16B", "I;16L", "I")  # what PIL calls a 16-bit grey PNG
 LABEL_DIR, AUG_LABEL_DIR = "SegmentationClass", "SegmentationClassAug"
 AUG_PREFIX = "train_aug"  # splits read from AUG_LABEL_DIR
+VOC_CLASSES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
+    "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
+    "sheep", "sofa", "train", "tvmonitor",
+)
+
+
+def _voc_palette() -> list[int]:
+    """Return the standard VOC colormap (bit-shuffled label index) as 256*3 ints."""
+    palette = []
+    for label in range(256):
+        rgb, c = [0, 0, 0], label
+        for bit in range(8):
+            for ch in range(3):
+                rgb[ch] |= ((c >> ch) & 1) << (7 - bit)
+            c >>= 3
+        palette.extend(rgb)
+    return palette
+
+
+VOC_PALETTE = _voc_palette()
 
 
 def voc_colour(index: int) -> tuple[int, int, int]:
@@ -107,6 +126,12 @@ def print_warnings(found: list[str], total: int, split: str) -> None:
 def list_images(root: Path) -> list[str]:
     """Ids of every image in JPEGImages/, sorted."""
     return sorted(p.stem for p in (root / "JPEGImages").glob("*.jpg"))
+
+
+def missing_depth(root: Path, ids: list[str]) -> list[str]:
+    """Ids that have no PseudoDepth/<id>.png yet."""
+    depth_dir = resolve_voc_root(root) / "PseudoDepth"
+    return [i for i in ids if not (depth_dir / f"{i}.png").is_file()]
 
 
 def check_files(root: Path, ids: list[str], split: str, need_depth: bool, labels: str | None = LABEL_DIR) -> None:

@@ -5,8 +5,8 @@ batch), so the numbers a run reports are the numbers its shipped files give.
 The rule, as torchvision's segmentation reference evaluates: each image alone (batch 1), at its own size, with
 nothing padded reaching the model (the model takes any size: models/decoder.py). A loader may batch images for
 I/O; `predict_batch` crops each back to its size first. Batch 1 is what makes the answers exact: a convolution's
-result can differ in the last bit with the batch it is computed in (a batch of 4 gives up to 1.5e-8 off batch 1
-on the CPU), and a pixel whose two best classes are that close would flip.
+result can differ in the last bits with the batch it is computed in, and a pixel whose two best classes are that
+close would flip.
 
 Test-time augmentation (tools/evaluate.py --flip/--scales) averages softmax over the views; with one view the
 scores are the logits, whose argmax is the same class.
@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from data.transforms import eval_image
 from models.files import check
 from models.io import CONFIG_NAME, load_model, resolve_checkpoint
 from models.deploy import ONNX_INT8_NAME, ONNX_NAME, onnx_session, run_onnx
@@ -88,6 +89,16 @@ def predict_batch(run: Predictor, batch: dict, scales: Sequence[float] = (1.0,),
                 out[key] = v.new_full((image.shape[0], v.shape[0], *image.shape[-2:]), 0.0 if key == "seg" else torch.nan)
             out[key][i, :, :h, :w] = v
     return out
+
+
+def predict_rgb(run: Predictor, image: Tensor, device: str | torch.device = "cpu") -> dict[str, Tensor]:
+    """A uint8 RGB image (3, H, W) as read from a file, normalised like validation images and predicted by
+    `predict_image` -> {"seg": (H, W) uint8 class ids, "depth": (1, H, W) float if the model has it}, on the CPU."""
+    out = predict_image(run, eval_image(image).to(device))
+    result = {"seg": out["seg"].argmax(0).to(torch.uint8).cpu()}
+    if "depth" in out:
+        result["depth"] = out["depth"].cpu()
+    return result
 
 
 BACKENDS = ("torch", "onnx", "onnx-int8")  # for a folder: model.safetensors, model.onnx, model_int8.onnx

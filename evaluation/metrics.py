@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-IGNORE_INDEX = 255
+from data.voc import IGNORE_INDEX
 DEPTH_EPS = 1e-3  # targets are inverse depth in 0..1: below this a pixel is "at infinity" and ratios blow up
 DELTA1 = 1.25
 
@@ -354,13 +354,6 @@ class SegEvaluator:
             self.has_depth = True
             self.depth.update(stats=gather(DepthMetrics.sample_stats(outputs["depth"].float(), batch["depth"])))
         return counts
-
-    def reset(self) -> None:
-        """Forget everything accumulated so far."""
-        self.confmat.reset()
-        self.iiou.reset()
-        self.depth.reset()
-        self.has_instances = self.has_depth = False
 
     def compute(self) -> dict:
         """mIoU, fg_mIoU, pixel_acc, mean_acc, iou, absent_classes, confusion_matrix (nested list), iIoU and

@@ -13,7 +13,7 @@ from models.model import MultiDecoderModel
 
 TORCHSCRIPT_NAME = "model.pt"
 ONNX_NAME = "model.onnx"
-ONNX_INT8_NAME = "model_int8.onnx"  # tools/export.py --int8
+ONNX_INT8_NAME = "model_int8.onnx"  # tools/export.py --int8 (models/quantize.py)
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 # trace/export input; batch 2 because torch.export specialises a dimension of size 1 to a constant
 EXAMPLE_SHAPE = (2, 3, 64, 64)
@@ -96,8 +96,9 @@ def export_onnx(module: nn.Module, path: Path, exporter: str = "dynamo") -> None
         raise ValueError(f"unknown ONNX exporter {exporter!r}; use dynamo or legacy")
 
 
-def onnx_session(path: Path, device: str = "cpu"):
-    """An ONNX Runtime session on CPU or CUDA, with a clear error when onnxruntime is missing."""
+def onnx_session(path: Path, device: str = "cpu", threads: int = 0):
+    """An ONNX Runtime session on CPU or CUDA (`threads` intra-op threads, 0: one per core), with a clear error when
+    onnxruntime is missing. Every session of the repo is made here: prediction, parity checks, int8 latency."""
     try:
         import onnxruntime as ort
     except ImportError as exc:
@@ -112,8 +113,9 @@ def onnx_session(path: Path, device: str = "cpu"):
             raise RuntimeError("ONNX Runtime has no CUDA provider here: install onnxruntime-gpu or use --device cpu")
         providers.insert(0, "CUDAExecutionProvider")
     options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
     # no busy-waiting between runs: its spinning threads would take the cores from the PyTorch code around each run
-    # (the metric code, the next image's decoding), measured 3x slower on 2 cores
+    # (the metric code, the next image's decoding) and from another session timed in turns with this one
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=providers)
 

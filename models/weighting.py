@@ -10,10 +10,11 @@
   r_t(k-1) = L_t(k-1) / L_t(k-2), from the per-epoch average of each task's raw loss; the first two
   epochs of the joint stage use w_t = 1.
 
-Both are nn.Modules so that `to(device)` and `state_dict` (train.py checkpoints it as weighting.pt) work
-alike; only the uncertainty one has parameters (optimised in the joint stage, all-reduced across
-processes by preparing it with Accelerate: see `for_stage`). It is not part of the model, so
-config.json, model.safetensors, export and `load_model` do not change.
+Both are nn.Modules so that `to(device)` and `state_dict` work alike; only the uncertainty one has parameters
+(optimised in the joint stage, all-reduced across processes by preparing it with Accelerate: see `for_stage`).
+A checkpoint holds its state once: in Accelerate's save_state (model_1.safetensors) while it is prepared, else
+as weighting.pt (run_state.save_checkpoint). It is not part of the model, so config.json, model.safetensors,
+export and `load_model` do not change.
 """
 import math
 

@@ -18,6 +18,7 @@ from run_state.faults import fault_point
 from run_state.writes import WRITE_ERRORS, WriteError, describe, remove, writing
 
 STATE_NAME = "train_state.json"
+PREPARED_EXTRA = "model_1.safetensors"  # save_state's file of the second prepared model (the model is model.safetensors)
 
 
 @dataclass
@@ -130,14 +131,21 @@ def agree(accelerator, error: str | None, cleanup: tuple[Path, ...]) -> None:
         raise WriteError(errors[0])
 
 
+def prepared(accelerator, module) -> bool:
+    """Whether `module` is among the models Accelerate's save_state writes (model_<i>.safetensors)."""
+    # Accelerate lists them only in this attribute, the one its own save_state reads
+    return any(accelerator.unwrap_model(m) is accelerator.unwrap_model(module) for m in accelerator._models)
+
+
 def write_files(accelerator, model, tmp: Path, state: TrainState, extra: dict, needed: int | None) -> None:
-    """The main process's files beside save_state's: config, `extra` modules, the train state, then the manifest
-    (`needed`: the checkpoint's size, said when the disk is full)."""
+    """The main process's files beside save_state's: config, the `extra` modules save_state does not hold, the train
+    state, then the manifest (`needed`: the checkpoint's size, said when the disk is full)."""
     with writing(tmp / CONFIG_NAME, needed):
         accelerator.unwrap_model(model).config.save(tmp / CONFIG_NAME)
     for name, module in extra.items():
-        with writing(tmp / f"{name}.pt", needed):
-            torch.save(accelerator.unwrap_model(module).state_dict(), tmp / f"{name}.pt")
+        if not prepared(accelerator, module):
+            with writing(tmp / f"{name}.pt", needed):
+                torch.save(accelerator.unwrap_model(module).state_dict(), tmp / f"{name}.pt")
     with writing(tmp / STATE_NAME, needed):
         (tmp / STATE_NAME).write_text(json.dumps(state.state_dict()))
     with writing(tmp, needed):
@@ -150,7 +158,8 @@ def save_checkpoint(accelerator, model, out: Path, state: TrainState, best: bool
     """save_state into a temporary folder, then publish it as checkpoints/last (and a copy as best). A failed write
     on any process raises WriteError naming the file on every process; the temporary folders are removed and the
     previous checkpoints stay as they were."""
-    # extra: {name: module} not prepared in every stage, saved as name.pt (loads with weights_only=True)
+    # extra: {name: module} not prepared in every stage (the joint weighting); saved as name.pt (loads with
+    # weights_only=True) when it is not prepared now, else save_state holds it (model_1.safetensors): once, not twice
     ckpt = Path(out) / "checkpoints"
     tmp, best_tmp = ckpt / ".last.tmp", ckpt / ".best.tmp"
     needed = folder_size(ckpt / "last")  # a checkpoint takes about as much room as the one before
@@ -197,9 +206,14 @@ def kept(ckpt: Path, names: tuple[str, ...] = ("last", "last.prev", "best")) -> 
 
 
 def load_extra(folder: Path, extra: dict) -> None:
-    """Load what save_checkpoint's `extra` wrote."""
+    """Load what save_checkpoint's `extra` wrote as name.pt; one prepared when the checkpoint was taken has no file of
+    its own: load_state has already loaded it from PREPARED_EXTRA. (Checkpoints written before that hold both.)"""
     for name, module in extra.items():
-        module.load_state_dict(torch.load(folder / f"{name}.pt", map_location="cpu", weights_only=True))
+        path = Path(folder) / f"{name}.pt"
+        if path.is_file():
+            module.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        elif not (Path(folder) / PREPARED_EXTRA).is_file():
+            raise CheckpointError(f"{path}: missing, and {folder} has no {PREPARED_EXTRA} that would hold {name}'s state")
 
 
 def is_complete(folder: Path) -> bool:

@@ -132,6 +132,8 @@ def load_checkpoint(accelerator, folder: Path, extra: dict) -> None:
     try:
         accelerator.load_state(str(folder))
         load_extra(folder, extra)
+    except CheckpointError:  # load_extra's: names the missing file already
+        raise
     except LOAD_ERRORS as exc:
         raise CheckpointError(f"{folder}: cannot load it ({type(exc).__name__}: {' '.join(str(exc).split())[:300]})"
                               + ("" if (folder / MANIFEST_NAME).is_file() else

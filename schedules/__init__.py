@@ -1,4 +1,4 @@
-"""Training schedules as data: a Stage dataclass and named lists of stages (SPEC "Schedules")."""
+"""Training schedules as data: a Stage dataclass and named lists of stages (README "Schedules")."""
 import math
 from dataclasses import dataclass, replace
 

@@ -7,7 +7,6 @@ deterministic in its seed), so cells are compared seed by seed (sweeps/stats.py)
 """
 import json
 import os
-import platform
 import shlex
 import shutil
 import subprocess
@@ -106,16 +105,19 @@ def run_cell(cmd: list[str], folder: Path, keep_checkpoints: bool, threads: int 
     with open(folder / "train.log", "a") as log:
         log.write(f"$ {shlex.join(cmd)}\n")
         log.flush()
-        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)  # this run's own CPU time: what it costs whatever else runs
+        rc = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - tic
+    cpu = usage.ru_utime + usage.ru_stime
     if rc != 0 or not is_finished(folder):
         tail = (folder / "train.log").read_text(errors="replace").splitlines()[-15:]
         print(f"  FAILED (exit {rc}) after {wall:.0f}s; last lines of {folder / 'train.log'}:\n    " + "\n    ".join(tail))
         return False
-    (folder / "run_tables.json").write_text(json.dumps({"wall_s": wall, "command": cmd}, indent=2))
+    (folder / "run_tables.json").write_text(json.dumps({"wall_s": wall, "cpu_s": cpu, "command": cmd}, indent=2))
     if not keep_checkpoints:  # the tables need metrics.json; checkpoints are 100s of MB per cell
         shutil.rmtree(folder / "checkpoints", ignore_errors=True)
-    print(f"  done in {wall:.0f}s")
+    print(f"  done in {wall:.0f}s ({cpu:.0f}s of CPU time)")
     return True
 
 
@@ -182,22 +184,10 @@ def load_results(out: Path, cells: list[Cell], seeds: list[int]) -> dict[Cell, l
                 if "reused_prefix" in run:
                     record["reused_prefix"] = run["reused_prefix"]
             if (folder / "run_tables.json").is_file():
-                record["wall_s"] = json.loads((folder / "run_tables.json").read_text())["wall_s"]
+                timing = json.loads((folder / "run_tables.json").read_text())
+                record.update({k: timing[k] for k in ("wall_s", "cpu_s") if k in timing})
             results[cell].append({"seed": seed, "folder": str(folder), **record})
     return results
-
-
-def machine() -> str:
-    """One line naming the machine the cells ran on."""
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{platform.system()} {platform.release()}, {cpu} ({os.cpu_count()} cores visible), {gpu}, torch {torch.__version__}"
 
 
 def check_settings(out: Path, settings: dict) -> None:

@@ -11,7 +11,8 @@ from data import PRESETS
 from data.subsets import make_subsets, subset_name
 from schedules import SCHEDULES
 from sweeps import plots, stats
-from sweeps.cells import PREFIXES, Cell, machine, parse_steps, run_folder
+from run_state.machine import machine_line
+from sweeps.cells import PREFIXES, Cell, parse_steps, run_folder
 
 ALL = "all"  # --labelled all: the whole split
 METRICS = ("fg_mIoU", "mIoU")
@@ -97,13 +98,16 @@ def write_report(out: Path, args, splits: dict[str, int], results: dict, command
     names = list(args.schedules)
     steps = parse_steps(args.schedule_steps)
     walls = [r["wall_s"] for recs in results.values() for r in recs if "wall_s" in r]
+    cpus = [r["cpu_s"] for recs in results.values() for r in recs if "cpu_s" in r]
     reused = [r for recs in results.values() for r in recs if "reused_prefix" in r]
     lines = [f"# Few labels, many images: `{args.dataset}` ({args.data_root}), {args.seeds} seed(s)", "",
              f"Command: `{command}`", "",
              "Stage lengths in steps: " + ("; ".join(f"`{n}` {v.replace(',', '+')}" for n, v in steps.items()) or
                                            "train.py's (epochs)") + ".", "",
-             f"Machine: {machine()}.", "",
+             f"Machine: {machine_line()}.", "",
              f"Compute: {len(walls)} runs, {sum(walls) / 60:.1f} min of run time in all, {args.jobs} at a time"
+             + (f"; their CPU time {sum(cpus) / 3600:.2f} h ({len(cpus)} runs measured: on an idle machine with "
+                f"{args.jobs} jobs of one thread, about {sum(cpus) / 3600 / args.jobs:.2f} h of wall time)" if cpus else "")
              + (f"; this invocation took {elapsed / 60:.1f} min" if elapsed else "") + f". {len(reused)} runs started "
              f"from a stage prefix another run had trained and stored (`{PREFIXES}/`, train.py --reuse-prefixes).", "",
              "## fg_mIoU against the number of labelled images", "",

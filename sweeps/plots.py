@@ -8,39 +8,77 @@ CURVE_COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (
                  (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (0, 0, 0), (90, 60, 160))
 
 
-def curve_plot(curves: dict[str, list[tuple[int, float]]], path: Path, title: str) -> None:
-    """Line chart of each named curve (validation metric against training step), drawn with PIL."""
-    from PIL import Image, ImageDraw, ImageFont
+class LineChart:
+    """A chart of lines against x (linear or log), values 0..hi on y, a legend on the right; drawn with PIL."""
 
-    font = ImageFont.load_default(size=13)
-    width, height, left, top, bottom, legend_w = 640, 380, 50, 34, 30, 170
-    img = Image.new("RGB", (left + width + legend_w, top + height + bottom), "white")
-    draw = ImageDraw.Draw(img)
-    draw.text((10, 8), title, fill="black", font=font)
+    WIDTH, HEIGHT, LEFT, TOP, BOTTOM, LEGEND = 640, 380, 50, 34, 30, 170
+
+    def __init__(self, title: str, xs: list[float], hi: float, log: bool = False):
+        from PIL import Image, ImageDraw, ImageFont
+
+        self.font = ImageFont.load_default(size=13)
+        self.image = Image.new("RGB", (self.LEFT + self.WIDTH + self.LEGEND, self.TOP + self.HEIGHT + self.BOTTOM),
+                               "white")
+        self.draw = ImageDraw.Draw(self.image, "RGBA")
+        self.scale = math.log if log else float
+        self.x0, self.x1 = self.scale(min(xs)), self.scale(max(xs))
+        self.x1 = self.x1 if self.x1 > self.x0 else self.x0 + 1
+        self.hi, self.lines = hi, 0
+        self.draw.text((10, 8), title, fill="black", font=self.font)
+        for k in range(6):
+            y = self.xy(min(xs), hi * k / 5)[1]
+            self.draw.text((4, y - 7), f"{hi * k / 5:.2f}", fill="black", font=self.font)
+            self.draw.line([(self.LEFT, y), (self.LEFT + self.WIDTH, y)], fill=(225, 225, 225))
+        self.draw.rectangle([self.LEFT, self.TOP, self.LEFT + self.WIDTH, self.TOP + self.HEIGHT], outline="black")
+
+    def xy(self, x: float, value: float) -> tuple[float, float]:
+        fx = (self.scale(x) - self.x0) / (self.x1 - self.x0)
+        return self.LEFT + fx * self.WIDTH, self.TOP + self.HEIGHT - max(value, 0.0) / self.hi * self.HEIGHT
+
+    def x_labels(self, xs: list[float], fmt: str = "{:.0f}") -> None:
+        for x in xs:
+            self.draw.text((self.xy(x, 0)[0] - 10, self.TOP + self.HEIGHT + 6), fmt.format(x), fill="black",
+                           font=self.font)
+
+    def line(self, name: str, points: list[tuple[float, float]], band: list[tuple[float, float, float]] = ()) -> None:
+        """A named line through points (x, value), dots on them, and an optional band (x, lo, hi) under it."""
+        colour = CURVE_COLOURS[self.lines % len(CURVE_COLOURS)]
+        if len(band) > 1:
+            self.draw.polygon([self.xy(x, h) for x, _, h in band] + [self.xy(x, lo) for x, lo, _ in reversed(band)],
+                              fill=(*colour, 50))
+        if len(points) > 1:
+            self.draw.line([self.xy(x, v) for x, v in points], fill=colour, width=2)
+        for x, v in points:
+            cx, cy = self.xy(x, v)
+            self.draw.ellipse([cx - 2, cy - 2, cx + 2, cy + 2], fill=colour)
+        y = self.TOP + 6 + 18 * self.lines
+        right = self.LEFT + self.WIDTH
+        self.draw.line([right + 10, y + 7, right + 30, y + 7], fill=colour, width=3)
+        self.draw.text((right + 36, y), name, fill="black", font=self.font)
+        self.lines += 1
+
+
+def curve_plot(curves: dict[str, list[tuple[int, float]]], path: Path, title: str) -> None:
+    """Each named curve (validation metric against training step)."""
     points = [p for c in curves.values() for p in c]
     max_step = max([s for s, _ in points] + [1])
-    hi = min(1.0, max([v for _, v in points] + [0.05]) * 1.05)
+    chart = LineChart(title, [0, max_step], min(1.0, max([v for _, v in points] + [0.05]) * 1.05))
+    chart.x_labels([max_step * k / 5 for k in range(6)])
+    for name, curve in curves.items():
+        chart.line(name, curve)
+    chart.image.save(path)
 
-    def xy(step: float, value: float) -> tuple[float, float]:
-        return left + step / max_step * width, top + height - value / hi * height
 
-    draw.rectangle([left, top, left + width, top + height], outline="black")
-    for k in range(6):
-        value, step = hi * k / 5, max_step * k / 5
-        draw.text((4, xy(0, value)[1] - 7), f"{value:.2f}", fill="black", font=font)
-        draw.line([xy(0, value), xy(max_step, value)], fill=(225, 225, 225))
-        draw.text((xy(step, 0)[0] - 10, top + height + 6), f"{step:.0f}", fill="black", font=font)
-    for i, (name, curve) in enumerate(curves.items()):
-        colour = CURVE_COLOURS[i % len(CURVE_COLOURS)]
-        if len(curve) > 1:
-            draw.line([xy(s, v) for s, v in curve], fill=colour, width=2)
-        for s, v in curve:
-            x, y = xy(s, v)
-            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
-        y = top + 6 + 18 * i
-        draw.line([left + width + 10, y + 7, left + width + 30, y + 7], fill=colour, width=3)
-        draw.text((left + width + 36, y), name, fill="black", font=font)
-    img.save(path)
+def label_plot(bands: dict[str, list[tuple[int, float, float, float]]], path: Path, title: str) -> None:
+    """fg_mIoU against labelled images (log axis): per schedule a line through the means and a band from lo to hi;
+    bands: {name: [(count, mean, lo, hi), ...]}."""
+    counts = sorted({c for band in bands.values() for c, *_ in band}) or [1]
+    chart = LineChart(title, counts, min(1.0, max([h for band in bands.values() for *_, h in band] + [0.05]) * 1.05),
+                      log=True)
+    chart.x_labels(counts)
+    for name, band in bands.items():
+        chart.line(name, [(c, m) for c, m, _, _ in band], [(c, lo, h) for c, _, lo, h in band])
+    chart.image.save(path)
 
 
 def bar_chart(rows: list, results: dict, path: Path, metric: str = "mIoU") -> None:
@@ -71,43 +109,4 @@ def bar_chart(rows: list, results: dict, path: Path, metric: str = "mIoU") -> No
             for x in (lo, mean + std):
                 draw.line([x0 + x * scale, cy - 5, x0 + x * scale, cy + 5], fill="black", width=2)
         draw.text((x0 + (mean + std) * scale + 8, y + 4), f"{mean:.4f}", fill="black", font=font)
-    img.save(path)
-
-
-def label_plot(bands: dict[str, list[tuple[int, float, float, float]]], path: Path, title: str) -> None:
-    """fg_mIoU against labelled images (log axis): per schedule a line through the means and a band from lo to hi;
-    bands: {name: [(count, mean, lo, hi), ...]}."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    font = ImageFont.load_default(size=13)
-    width, height, left, top, bottom, legend_w = 640, 380, 50, 34, 30, 170
-    img = Image.new("RGB", (left + width + legend_w, top + height + bottom), "white")
-    draw = ImageDraw.Draw(img, "RGBA")
-    draw.text((10, 8), title, fill="black", font=font)
-    counts = sorted({c for band in bands.values() for c, *_ in band}) or [1]
-    lo_x, hi_x = math.log(counts[0]), math.log(counts[-1]) if counts[-1] > counts[0] else math.log(counts[0]) + 1
-    hi = min(1.0, max([h for band in bands.values() for *_, h in band] + [0.05]) * 1.05)
-
-    def xy(count: float, value: float) -> tuple[float, float]:
-        return left + (math.log(count) - lo_x) / (hi_x - lo_x) * width, top + height - max(value, 0.0) / hi * height
-
-    draw.rectangle([left, top, left + width, top + height], outline="black")
-    for k in range(6):
-        value = hi * k / 5
-        draw.text((4, xy(counts[0], value)[1] - 7), f"{value:.2f}", fill="black", font=font)
-        draw.line([xy(counts[0], value), xy(math.exp(hi_x), value)], fill=(225, 225, 225))
-    for count in counts:
-        draw.text((xy(count, 0)[0] - 10, top + height + 6), str(count), fill="black", font=font)
-    for i, (name, band) in enumerate(bands.items()):
-        colour = CURVE_COLOURS[i % len(CURVE_COLOURS)]
-        if len(band) > 1:
-            draw.polygon([xy(c, h) for c, _, _, h in band] + [xy(c, lo) for c, _, lo, _ in reversed(band)],
-                         fill=(*colour, 50))
-            draw.line([xy(c, m) for c, m, _, _ in band], fill=colour, width=2)
-        for c, m, _, _ in band:
-            x, y = xy(c, m)
-            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
-        y = top + 6 + 18 * i
-        draw.line([left + width + 10, y + 7, left + width + 30, y + 7], fill=colour, width=3)
-        draw.text((left + width + 36, y), name, fill="black", font=font)
     img.save(path)

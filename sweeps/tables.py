@@ -8,7 +8,8 @@ from pathlib import Path
 
 from schedules import SCHEDULES
 from sweeps import plots, stats
-from sweeps.cells import Cell, machine, split_budget
+from run_state.machine import machine_line
+from sweeps.cells import Cell, split_budget
 
 METRICS = ("mIoU", "fg_mIoU", "iIoU", "pixel_acc")
 PAPER_KEYS = ("mIoU", "iIoU", "pixel_acc")  # what the paper reports
@@ -141,7 +142,7 @@ def report_header(args, results: dict[Cell, list[dict]]) -> str:
     return "\n".join([
         f"Command: `{command_line(args)}`", "",
         f"Epochs: {mode}.", "",
-        f"Machine: {machine()}.", "",
+        f"Machine: {machine_line()}.", "",
         f"Compute: {len(walls)} runs, {sum(walls) / 60:.1f} min of wall time in all "
         f"({statistics.fmean(walls) if walls else 0:.0f} s per run on average).", "",
         "Mean ± sample standard deviation over seeds; `seeds` is how many finished. `fg_mIoU` is the mean IoU over "

@@ -1,5 +1,6 @@
-"""tools/bench.py (tools/benchmarks/) at tiny sizes: FLOP counts, case building, interleaving, what the default run and
-the full sweep cover, targets, the report's structure and its progress bar (never timings)."""
+"""tools/bench.py (benchmarks/) at tiny sizes: FLOP counts, case building, interleaving, what the default run and
+the full sweep cover, which precisions a machine skips, the estimate, targets, the report's structure and its progress
+bar (never timings)."""
 import dataclasses
 import json
 
@@ -8,26 +9,23 @@ import torch
 from torch import nn
 
 from models import ModelConfig, build_model
-from models.decoder import DecoderBlock
+from benchmarks import estimate, inference, loading, memory, report, timing, training
+from benchmarks.peer import SmpWithDepth, peer_focal_loss
 from models.deploy import forward_flops
+from run_state import machine
 from tools import bench
-from tools.benchmarks import inference, loading, memory, report, timing, training
-from tools.benchmarks.peer import SmpWithDepth, peer_focal_loss
 
 
 def conv_flops(model: nn.Module, x: torch.Tensor, **kwargs) -> int:
     """Independent count: 2 * output elements * (input channels / groups) * kernel area, summed over every conv
-    module; a decoder block's first convolution (computed by parts, not through its module) from the block's output."""
+    module."""
     total = 0
 
     def hook(conv, inputs, out):
         nonlocal total
         total += 2 * out.numel() * conv.in_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1]
 
-    firsts = {m.conv1[0] for m in model.modules() if isinstance(m, DecoderBlock)}
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d) and m not in firsts]
-    handles += [b.register_forward_hook(lambda b, i, out: hook(b.conv1[0], None, out))
-                for b in model.modules() if isinstance(b, DecoderBlock)]
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
     with torch.no_grad():
         model(x, **kwargs)
     for h in handles:
@@ -94,7 +92,7 @@ def test_run_interleaved_warms_up_then_goes_round_robin():
     calls = []
     cases = [timing.Case(name, (lambda name=name: calls.append(name)), 1, 1.0) for name in "abc"]
     settings = timing.Settings(warmup=2, steps=6, rounds=3)
-    timing.run_interleaved(cases, settings, torch.device("cpu"))
+    timing.run_interleaved(cases, settings, torch.device("cpu"), what="letters")
     # warm-up a, b, c in order; then 3 rounds of 2 steps each, every round a (seeded) permutation of the cases
     assert calls[:6] == list("aabbcc")
     rounds = ["".join(calls[6 + 6 * r: 12 + 6 * r: 2]) for r in range(3)]
@@ -148,11 +146,10 @@ def test_targets_of_a_run_with_one_precision_leave_the_others_out():
     assert [r["precision"] for r in report.second_decoder(fake["train"])] == ["bf16"]
 
 
-@pytest.mark.parametrize("device", ["cpu", "cuda"])
-def test_the_default_run_covers_the_targets(device):
+def test_the_default_run_covers_the_targets():
     """The default run is a subset of the full sweep: one shape, ours at train.py's defaults, smp's default and
     fastest; the full sweep adds 2x512 and the ablations."""
-    default, full = ({s.name for p in ("fp32", "bf16") for s in training.train_specs(cfg, p, True, False, device)}
+    default, full = ({s.name for p in ("fp32", "bf16") for s in training.train_specs(cfg, p, True, False)}
                      for cfg in (timing.DEFAULT, timing.FULL))
     assert default == {f"{who} 4x256 {p} CL" for who in ("ours seg-only", "ours both") for p in ("fp32", "bf16")} | {
         "smp Unet(resnet50) 4x256 fp32 NCHW", "smp Unet(resnet50) + 2nd decoder 4x256 fp32 NCHW",
@@ -166,13 +163,67 @@ def test_the_default_run_covers_the_targets(device):
 
 def test_flags_pick_the_settings():
     parse = bench.get_args_parser().parse_args
-    assert bench.settings_of(parse([])) == timing.DEFAULT and bench.settings_of(parse(["--full"])) == timing.FULL
-    assert bench.settings_of(parse(["--quick"])) == timing.QUICK
-    got = bench.settings_of(parse(["--precision", "bf16", "--train-shapes", "16x256,8x512", "--infer-batches", "1,8"]))
-    assert got == dataclasses.replace(timing.DEFAULT, precisions=("bf16",), train_shapes=((16, 256), (8, 512)),
-                                      infer_batches=(1, 8))
+    assert timing.choose_settings() == timing.DEFAULT and timing.choose_settings(full=True) == timing.FULL
+    assert timing.choose_settings(quick=True) == timing.QUICK and timing.choose_settings(True, True) == timing.QUICK_FULL
+    args = parse(["--precision", "bf16", "--train-shapes", "16x256,8x512", "--infer-batches", "1,8"])
+    assert (args.precision, args.train_shapes, args.infer_batches, args.encoder) == (("bf16",), ((16, 256), (8, 512)),
+                                                                                     (1, 8), None)
+    got = timing.choose_settings(precisions=args.precision, train_shapes=args.train_shapes, encoder=None)
+    assert got == dataclasses.replace(timing.DEFAULT, precisions=("bf16",), train_shapes=((16, 256), (8, 512)))
     with pytest.raises(SystemExit):
         parse(["--precision", "fp16"])
+    with pytest.raises(SystemExit):  # no hidden self-invocation: memory cases run in spawned processes
+        parse(["--memory-case", "{}"])
+
+
+def test_precisions_the_cpu_would_emulate_are_skipped_with_the_reason(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    settings, skipped = timing.native_only(timing.DEFAULT, cpu, allow_emulated=False)
+    assert settings.precisions == ("fp32",) and list(skipped) == ["bf16"]
+    assert "neither AVX512-BF16 nor AMX" in skipped["bf16"] and "emulated" in skipped["bf16"]
+    assert timing.native_only(timing.DEFAULT, cpu, allow_emulated=True) == (timing.DEFAULT, {})
+    with pytest.raises(SystemExit, match="--allow-emulated"):
+        timing.native_only(dataclasses.replace(timing.DEFAULT, precisions=("bf16",)), cpu, allow_emulated=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)  # bf16 in hardware ...
+    assert machine.cpu_bf16_native() and machine.emulated_precisions(cpu, ("fp32", "bf16")) == {}
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")  # ... that oneDNN is told not to use
+    assert not machine.cpu_bf16_native()
+    assert "ONEDNN_MAX_CPU_ISA=avx2" in machine.emulated_precisions(cpu, ("fp32", "bf16"))["bf16"]
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    assert machine.cpu_bf16_native()
+    assert machine.emulated_precisions(cpu, ("fp32",)) == {}
+
+
+def test_the_estimate_costs_each_planned_step_by_its_pixels():
+    settings = dataclasses.replace(timing.DEFAULT, precisions=("fp32",), train_shapes=((4, 256), (2, 512)))
+    one, two = (estimate.planned_seconds(settings, unit, True, False, 0, 2) for unit in (1.0, 2.0))
+    fixed = (estimate.CASE_SECONDS * len(training.train_specs(settings, "fp32", True, False))
+             + estimate.LOADER_IMAGE_SECONDS * (4 + 2) * settings.loader_batches)  # what no step time scales
+    assert two - fixed == pytest.approx(2 * (one - fixed))  # linear in the measured step time
+    with_memory = estimate.planned_seconds(settings, 1.0, True, False, 4, 2)
+    assert with_memory - one == pytest.approx(4 * (estimate.SPAWN_SECONDS + 3) / 2)
+    fewer = estimate.planned_seconds(dataclasses.replace(settings, train_shapes=((4, 256),)), 1.0, True, False, 0, 2)
+    assert fewer < one
+    text = estimate.describe(600.0, 1.5, settings)
+    assert "about 10 min (likely 5 to 15 min)" in text and "4x256 fp32 (1.50 s)" in text
+
+
+def test_a_run_without_native_bf16_says_so_and_has_no_bf16_rows(tiny_voc, tmp_path, fresh_accelerate, capsys,
+                                                                   monkeypatch):
+    monkeypatch.setattr(machine, "cpu_bf16_native", lambda: False)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    out = tmp_path / "bench.json"
+    bench.main(bench.get_args_parser().parse_args(["--quick", "--no-smp", "--no-memory", "--no-progress",
+                                                   "--data-root", str(tiny_voc), "--json", str(out)]))
+    rep = json.loads(out.read_text())
+    assert list(rep["skipped_precisions"]) == ["bf16"] and rep["settings"]["precisions"] == ["fp32"]
+    assert {r["precision"] for r in rep["train"] + rep["peaks"] + rep["inference"]} == {"fp32"}
+    printed = capsys.readouterr().out
+    assert printed.startswith("skipping bf16: this CPU has neither AVX512-BF16 nor AMX")
+    assert "bf16 skipped: this CPU has neither" in printed  # in the tables' machine line too
 
 
 def test_peak_memory_of_a_fresh_process_holds_the_optimizer_state():
@@ -188,7 +239,7 @@ def test_peak_memory_of_a_fresh_process_holds_the_optimizer_state():
 def test_quick_full_run_reports_every_row_and_the_bar_counts_every_step(tiny_voc, tmp_path, fresh_accelerate, capsys):
     out = tmp_path / "bench.json"
     args = bench.get_args_parser().parse_args(["--quick", "--full", "--no-memory", "--data-root", str(tiny_voc),
-                                               "--json", str(out)])
+                                               "--json", str(out), "--allow-emulated"])
     bench.main(args)
     rep = json.loads(out.read_text())
     names = [r["name"] for r in rep["train"]]
@@ -223,8 +274,10 @@ def test_quick_full_run_reports_every_row_and_the_bar_counts_every_step(tiny_voc
             ips[f"smp Unet(resnet18) 2x64 {p} {lay}"] / ips[f"smp Unet(resnet18) + 2nd decoder 2x64 {p} {lay}"]
             for p, lay in (("fp32", "NCHW"), ("bf16", "CL"))]
     printed = capsys.readouterr()
+    said = printed.out.index("estimated duration: about")  # --full says it before it starts
+    assert rep["estimated_seconds"] > 0 and said < printed.out.index("| case | img/s |")
     assert "| target | measured | goal | met |" in printed.out and "| shape | precision | ours | smp |" in printed.out
-    total = (training.planned_steps(settings, with_smp, False, "cpu") + inference.planned_steps(settings, with_smp)
+    total = (training.planned_steps(settings, with_smp, False) + inference.planned_steps(settings, with_smp)
              + loading.planned_steps(settings))
     assert f"{total}/{total}" in printed.err and f"{total + 1}/" not in printed.err  # the bar ends at its total
     for what in ("training fp32: round 1/1", "training bf16: warm-up", "inference batch 2x64", "data loading (voc)"):

@@ -1,4 +1,4 @@
-"""tools/evaluate.py: per-image scores, prediction at original size, TTA, report files, 2 processes = 1, real VOC."""
+"""tools/evaluate.py (evaluation/scoring.py, evaluation/report.py): per-image scores, prediction at original size, TTA, report files, 2 processes = 1, real VOC."""
 import json
 import math
 from pathlib import Path
@@ -6,10 +6,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFont
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from models import ModelConfig, build_model, load_model, save_model
+from evaluation import report as rep
+from evaluation.scoring import collate_eval, get_dataset
 from tools import evaluate as ev
 from evaluation.inference import predict_batch, predict_image, torch_predictor
 from evaluation.metrics import ConfusionMatrix, SegEvaluator
@@ -79,8 +81,8 @@ def test_predict_ignores_batch_companions_and_tta_is_flip_equivariant():
     g = torch.Generator().manual_seed(1)
     a, b = torch.randn(3, 40, 56, generator=g), torch.randn(3, 64, 48, generator=g)
     sample = lambda x, i: {"image": x, "label": torch.zeros(x.shape[1:], dtype=torch.long), "id": str(i), "index": i}  # noqa: E731
-    both = predict_batch(run, ev.collate_eval([sample(a, 0), sample(b, 1)]))["seg"]
-    alone = predict_batch(run, ev.collate_eval([sample(a, 0)]))["seg"]
+    both = predict_batch(run, collate_eval([sample(a, 0), sample(b, 1)]))["seg"]
+    alone = predict_batch(run, collate_eval([sample(a, 0)]))["seg"]
     assert both.shape == (2, 21, 64, 64)
     assert torch.equal(both[0, :, :40, :56], alone[0, :, :40, :56])  # each image alone: bit for bit
     assert both[0, :, 40:].abs().sum() == 0  # the padding of the canvas holds no prediction
@@ -101,29 +103,29 @@ def test_predict_ignores_batch_companions_and_tta_is_flip_equivariant():
 
 def test_confusion_heat_map_is_row_normalised_and_labelled():
     mat = [[3, 1, 0], [0, 0, 0], [0, 5, 5]]
-    img = np.array(ev.confusion_image(mat, ["bg", "a", "b"]))
-    font = ev.ImageFont.load_default()
-    left, top = ev.heat_map_origin(["0 bg", "1 a", "2 b"], font)
-    line = font.getbbox("Ag")[3] + ev.TEXT_PAD  # an axis title's strip
-    cell = lambda r, c: img[top + r * ev.CELL + 3, left + c * ev.CELL + 3].tolist()  # noqa: E731
-    low, high = np.array(ev.HEAT_LOW), np.array(ev.HEAT_HIGH)
+    img = np.array(rep.confusion_image(mat, ["bg", "a", "b"]))
+    font = ImageFont.load_default()
+    left, top = rep.heat_map_origin(["0 bg", "1 a", "2 b"], font)
+    line = font.getbbox("Ag")[3] + rep.TEXT_PAD  # an axis title's strip
+    cell = lambda r, c: img[top + r * rep.CELL + 3, left + c * rep.CELL + 3].tolist()  # noqa: E731
+    low, high = np.array(rep.HEAT_LOW), np.array(rep.HEAT_HIGH)
     assert cell(0, 0) == np.round(low + 0.75 * (high - low)).astype(int).tolist()
     assert cell(2, 1) == cell(2, 2) == np.round(low + 0.5 * (high - low)).astype(int).tolist()
-    assert cell(0, 2) == list(ev.HEAT_LOW) and cell(1, 1) == list(ev.HEAT_ABSENT)  # row 1 has no ground truth
+    assert cell(0, 2) == list(rep.HEAT_LOW) and cell(1, 1) == list(rep.HEAT_ABSENT)  # row 1 has no ground truth
     dark = lambda region: int((region.max(-1) < 128).sum())  # noqa: E731  (pixels of black text)
-    columns = [img[line : top - ev.TEXT_PAD, left + c * ev.CELL : left + (c + 1) * ev.CELL] for c in range(3)]
+    columns = [img[line : top - rep.TEXT_PAD, left + c * rep.CELL : left + (c + 1) * rep.CELL] for c in range(3)]
     assert all(dark(band) > 5 for band in columns)  # each column carries its class label
     # renaming class 2 changes the label above column 2 only
-    other = np.array(ev.confusion_image(mat, ["bg", "a", "e"]))
-    assert ev.heat_map_origin(["0 bg", "1 a", "2 e"], font) == (left, top)
-    kept, renamed = slice(left, left + 2 * ev.CELL), slice(left + 2 * ev.CELL, left + 3 * ev.CELL)
+    other = np.array(rep.confusion_image(mat, ["bg", "a", "e"]))
+    assert rep.heat_map_origin(["0 bg", "1 a", "2 e"], font) == (left, top)
+    kept, renamed = slice(left, left + 2 * rep.CELL), slice(left + 2 * rep.CELL, left + 3 * rep.CELL)
     assert (other[:top, kept] == img[:top, kept]).all() and (other[:top, renamed] != img[:top, renamed]).any()
     assert dark(img[:line, left:]) > 10  # the "prediction" axis title
-    assert dark(img[top : top + 3 * ev.CELL, :line]) > 10  # the "ground truth" axis title, turned
-    legend = img[top + 3 * ev.CELL + 1 :]  # a grey swatch and the line that explains it
-    assert (legend == ev.HEAT_ABSENT).all(-1).sum() >= (ev.CELL // 2) ** 2 and dark(legend) > 100
-    assert ev.ABSENT_LEGEND.startswith("grey row: class absent from the ground truth")
-    assert img.shape[1] >= ev.CELL + font.getlength(ev.ABSENT_LEGEND)  # not cut off
+    assert dark(img[top : top + 3 * rep.CELL, :line]) > 10  # the "ground truth" axis title, turned
+    legend = img[top + 3 * rep.CELL + 1 :]  # a grey swatch and the line that explains it
+    assert (legend == rep.HEAT_ABSENT).all(-1).sum() >= (rep.CELL // 2) ** 2 and dark(legend) > 100
+    assert rep.ABSENT_LEGEND.startswith("grey row: class absent from the ground truth")
+    assert img.shape[1] >= rep.CELL + font.getlength(rep.ABSENT_LEGEND)  # not cut off
 
 
 def test_nan_depth_metrics_are_explained_in_the_report():
@@ -135,11 +137,11 @@ def test_nan_depth_metrics_are_explained_in_the_report():
     assert math.isnan(metrics["depth_absrel"]) and metrics["depth_nan_reason"] == evaluator.depth.nan_reason()
     settings = {"checkpoint": "c", "split": "val", "num_images": 1, "split_size": 1, "flip": False, "scales": [1.0],
                 "world_size": 1}
-    report = ev.build_report(metrics, {0: 1.0}, ["a"], ["bg", "fg"], ["iIoU not available"], settings)
+    report = rep.build_report(metrics, {0: 1.0}, ["a"], ["bg", "fg"], ["iIoU not available"], settings)
     assert report["depth_absrel"] is None and report["notes"] == ["iIoU not available", metrics["depth_nan_reason"]]
-    table = ev.markdown_table(report)
+    table = rep.markdown_table(report)
     assert "| depth_absrel | – |" in table and f"- {metrics['depth_nan_reason']}" in table
-    evaluator.reset()
+    evaluator = SegEvaluator(2)  # a fresh one: train.py and evaluate.py make one per split
     evaluator.update({"seg": torch.randn(1, 2, 4, 4), "depth": torch.rand(1, 1, 4, 4)},
                      {"label": label, "depth": torch.rand(1, 1, 4, 4) + 0.1})
     assert "depth_nan_reason" not in evaluator.compute()
@@ -176,7 +178,7 @@ def test_two_processes_count_each_image_once(tiny_voc, checkpoint, tmp_path, fre
 
     # an independent confusion matrix: torchmetrics on a plain forward pass of every image
     model, ref = load_model(checkpoint), MulticlassConfusionMatrix(21, ignore_index=255)
-    dataset = ev.get_dataset(tiny_voc, "val", model.config, None)[0]
+    dataset = get_dataset(tiny_voc, "val", model.config, None)[0]
     with torch.no_grad():
         for i in range(len(dataset)):
             s = dataset[i]
@@ -199,7 +201,7 @@ def test_report_files_and_batch_size_invariance(tiny_voc, checkpoint, tmp_path, 
     assert all(on_disk["per_class"][c]["iou"] is None for c in absent)
     md = out.with_suffix(".md").read_text()
     assert "| 1 | aeroplane |" in md and f"| mIoU (%) | {100 * report['mIoU']:.2f} |" in md and "left out of the means" in md
-    assert Image.open(tmp_path / "r_confusion.png").size[0] > 21 * ev.CELL
+    assert Image.open(tmp_path / "r_confusion.png").size[0] > 21 * rep.CELL
     worst = sorted(on_disk["per_image_mIoU"].items(), key=lambda kv: kv[1])[:2]
     assert [w["id"] for w in on_disk["worst_images"]] == [k for k, _ in worst]
     panel = Image.open(tmp_path / "r_worst" / on_disk["worst_images"][0]["file"])

@@ -149,10 +149,13 @@ def test_checkpoint_without_seg_decoder_or_out_over_the_checkpoint_is_refused(tm
             run_export(run, out)
 
 
-def test_size_arguments():
-    assert export.parse_size("512") == (512, 512)
-    assert export.parse_size("480x640") == (480, 640)
-    assert export.parse_sizes("64x64,67x71") == [(64, 64), (67, 71)]
+def test_size_arguments(capsys):
+    parse = export.get_args_parser().parse_args
+    required = ["--checkpoint", "c", "--out", "o"]
+    assert parse([*required, "--flops-size", "512"]).flops_size == (512, 512)
+    assert parse([*required, "--flops-size", "480x640"]).flops_size == (480, 640)
+    assert parse([*required, "--check-sizes", "64x64,67x71"]).check_sizes == [(64, 64), (67, 71)]
     for bad in ("0", "axb", "1x2x3"):
-        with pytest.raises(Exception, match="expected S or HxW"):
-            export.parse_size(bad)
+        with pytest.raises(SystemExit):
+            parse([*required, "--flops-size", bad])
+        assert "expected S or HxW" in capsys.readouterr().err

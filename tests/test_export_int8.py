@@ -14,8 +14,10 @@ from data import VOCSegmentation, get_transform
 from evaluation.inference import onnx_predictor
 from models import ModelConfig, build_model, load_model, save_model
 from models.deploy import onnx_session, run_onnx
-from tools import export, quantize
-from tools.evaluate import get_dataset, score
+from evaluation.int8 import find_dataset
+from evaluation.scoring import get_dataset, score
+from models.quantize import chunk, spread
+from tools import export
 
 TINY = ModelConfig(encoder="resnet18", tasks=("seg", "depth"), decoder_channels=(64, 32, 16, 16, 8))
 TRAIN_STEPS, BATCH, LR = 40, 4, 3e-3  # seconds; beyond "all background" but many pixels stay near a tie
@@ -167,11 +169,10 @@ def test_int8_model_is_model_onnx_quantized(exported):
     fp32_weights = {t.name: numpy_helper.to_array(t) for t in fp32.initializer}
     int8_weights = {t.name: numpy_helper.to_array(t) for t in int8.initializer}
     dq = {n.output[0]: n for n in int8.node if n.op_type == "DequantizeLinear"}
-    quantized = {n.name: n for n in int8.node if n.op_type == "Conv"}
-    convs = [n for n in fp32.node if n.op_type == "Conv"]
-    assert len(convs) == len(quantized) and {n.name for n in convs} == set(quantized)
-    for a in convs:
-        b = quantized[a.name]
+    fp32_convs = {n.name: n for n in fp32.node if n.op_type == "Conv"}  # by name: the quantizer may reorder nodes
+    int8_convs = {n.name: n for n in int8.node if n.op_type == "Conv"}
+    assert fp32_convs.keys() == int8_convs.keys() and fp32_convs
+    for a, b in ((fp32_convs[k], int8_convs[k]) for k in fp32_convs):
         w = fp32_weights[a.input[1]]
         q = dq[b.input[1]]
         q_weight, scale = int8_weights[q.input[0]], int8_weights[q.input[1]]
@@ -193,16 +194,29 @@ def test_dataset_is_found_from_the_run_or_the_flags(tmp_path, tiny_voc):
     (run / "checkpoints" / "best").mkdir(parents=True)
     config = {"dataset": "voc", "data_root": "datasets/mine", "output_dir": "runs/a"}
     (run / "run_config.json").write_text(json.dumps(config))
-    assert quantize.find_dataset(run / "checkpoints" / "best", None, None) == ("voc", started / "datasets" / "mine")
-    assert quantize.find_dataset(run, "synthetic", str(tiny_voc)) == ("synthetic", tiny_voc)
+    assert find_dataset(run / "checkpoints" / "best", None, None) == ("voc", started / "datasets" / "mine")
+    assert find_dataset(run, "synthetic", str(tiny_voc)) == ("synthetic", tiny_voc)
     (started / "datasets" / "mine").rmdir()
     with pytest.raises(FileNotFoundError, match="pass --data-root"):
-        quantize.find_dataset(run, None, None)
+        find_dataset(run, None, None)
     with pytest.raises(ValueError, match="no run_config.json.*pass --dataset"):
-        quantize.find_dataset(tmp_path, None, None)
+        find_dataset(tmp_path, None, None)
 
 
 def test_calibration_images_spread_over_the_split():
-    assert quantize.spread(10, 4) == [0, 3, 6, 9]
-    assert quantize.spread(3, 300) == [0, 1, 2]
-    assert quantize.spread(5, 1) == [0]
+    assert spread(10, 4) == [0, 3, 6, 9]
+    assert spread(3, 300) == [0, 1, 2]
+    assert spread(5, 1) == [0]
+
+
+def test_calibration_chunks_divide_the_set():
+    assert [chunk(n) for n in (1, 7, 16, 30, 300)] == [1, 7, 16, 15, 15]
+
+
+def test_latency_sessions_are_the_prediction_sessions_with_threads(exported):
+    """One place makes ONNX Runtime sessions (models/deploy.onnx_session): the int8 latency asks it for a thread count."""
+    out, _ = exported
+    session = onnx_session(out / "model.onnx", "cpu", threads=1)
+    assert session.get_session_options().intra_op_num_threads == 1
+    config = session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+    assert config == "0"

@@ -1,6 +1,7 @@
 """tools/gpu_check.py: on a GPU it runs what BENCHMARKS.md asks for within 8 minutes; here it runs as a user would
 check it, `--device cpu --quick`, and writes one results file with the bench's tables and the training's epochs."""
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -10,17 +11,18 @@ from tools import gpu_check
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_the_gpu_commands_are_the_ones_benchmarks_md_asks_for():
-    args = gpu_check.get_args_parser().parse_args([])
-    bench = gpu_check.bench_command(args, Path("out"))
+def test_the_gpu_commands_are_the_ones_benchmarks_md_asks_for(capsys, tmp_path):
+    out = tmp_path / "out"
+    args = gpu_check.get_args_parser().parse_args(["--dry-run", "--out", str(out)])
+    assert gpu_check.main(args) == {"ok": True} and not out.exists()  # it ran nothing
+    bench, run = (shlex.split(line) for line in capsys.readouterr().out.splitlines())
     assert bench[1:9] == ["tools/bench.py", "--device", "cuda", "--precision", "bf16", "--train-shapes", "16x256,8x512",
                           "--infer-batches"]
-    run = gpu_check.train_command(args, Path("run"), None)
     i = run.index("train.py")
     assert run[:i] == [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
                        "--mixed_precision", "bf16", "--dynamo_backend", "no"]
     assert run[i:] == ["train.py", "--schedule", "d_s_b", "--copy-weights", "--mixed-precision", "bf16", "--output-dir",
-                       "run"]  # the preset's default run: synthetic set, 3 epochs a stage
+                       str(out / "run")]  # the preset's default run: synthetic set, 3 epochs a stage
     assert args.bench_timeout + args.train_timeout <= 7.5 * 60  # the whole check within 8 minutes
 
 

@@ -26,8 +26,9 @@ from transformers.modeling_outputs import DepthEstimatorOutput
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from data.visualize import TITLE_HEIGHT  # noqa: E402
-from data.voc import DataError, depth_fix_command  # noqa: E402
+from data.visualize import PREVIEW_HEIGHT, TITLE_HEIGHT  # noqa: E402
+from data.voc import DataError, depth_fix_command, missing_depth  # noqa: E402
+from models.depth_teacher import native_kind, to_stored  # noqa: E402
 from tools import make_depth  # noqa: E402
 
 # (width, height): odd sizes, both orientations, repeats (so batches share a shape), 56x42 needs no padding.
@@ -131,12 +132,12 @@ def test_every_id_gets_full_range_map(tmp_path, kind, dpt_dir, da_dir):
     assert meta["count"] == meta["total"] == len(ids) and meta["complete"]
     assert sorted(meta["shards"][0]["written"]) == ids and meta["shards"][0]["constant"] == meta["constant"] == 0
     preview = np.array(Image.open(voc / "PseudoDepth" / "preview.png"))
-    row = make_depth.PREVIEW_HEIGHT + TITLE_HEIGHT
+    row = PREVIEW_HEIGHT + TITLE_HEIGHT
     assert preview.shape[0] == 3 * row
     for k in range(3):  # titles "input <id>" and "pseudo depth" on a white strip above each row's two panels
         strip = preview[k * row : k * row + TITLE_HEIGHT]
         assert (strip == 255).all(-1).mean() > 0.6 and (strip.max(-1) < 128).sum() > 20
-    assert make_depth.missing_depth(voc, ids) == [] and make_depth.missing_depth(tmp_path, ids + ["x"]) == ["x"]
+    assert missing_depth(voc, ids) == [] and missing_depth(tmp_path, ids + ["x"]) == ["x"]
 
 
 class Fake(torch.nn.Module):
@@ -190,23 +191,23 @@ def test_convention_metric_inverted_disparity_not(tmp_path, monkeypatch, kind, d
 
 def test_native_kind_from_config_and_override(tmp_path, dpt_dir):
     metric_da = depth_anything_dir(tmp_path / "da_metric", "metric")
-    assert make_depth.native_kind(DPTConfig.from_pretrained(dpt_dir)) == "metric"
-    assert make_depth.native_kind(DepthAnythingConfig.from_pretrained(metric_da)) == "metric"
-    assert make_depth.native_kind(DepthAnythingConfig()) == "disparity"
-    assert make_depth.native_kind(DPTConfig()) == "disparity"  # ViT DPT (MiDaS) predicts relative disparity
-    assert make_depth.native_kind(DPTConfig.from_pretrained(dpt_dir), "disparity") == "disparity"
+    assert native_kind(DPTConfig.from_pretrained(dpt_dir)) == "metric"
+    assert native_kind(DepthAnythingConfig.from_pretrained(metric_da)) == "metric"
+    assert native_kind(DepthAnythingConfig()) == "disparity"
+    assert native_kind(DPTConfig()) == "disparity"  # ViT DPT (MiDaS) predicts relative disparity
+    assert native_kind(DPTConfig.from_pretrained(dpt_dir), "disparity") == "disparity"
 
 
 def test_to_stored_values_and_constant():
     pred = torch.tensor([[1.0, 2.0], [4.0, 0.0]])
-    np.testing.assert_array_equal(make_depth.to_stored(pred, "disparity"), [[16384, 32768], [65535, 0]])
+    np.testing.assert_array_equal(to_stored(pred, "disparity"), [[16384, 32768], [65535, 0]])
     # metric: 1/d with d clamped at 1e-3 -> the zero is nearest.
     inv = 1 / np.array([1.0, 2.0, 4.0, 1e-3])
     expected = np.round((inv - inv.min()) / (inv.max() - inv.min()) * 65535).reshape(2, 2)
-    np.testing.assert_array_equal(make_depth.to_stored(pred, "metric"), expected)
-    assert not make_depth.to_stored(torch.full((3, 4), 7.0), "metric").any()
+    np.testing.assert_array_equal(to_stored(pred, "metric"), expected)
+    assert not to_stored(torch.full((3, 4), 7.0), "metric").any()
     with pytest.raises(FloatingPointError):
-        make_depth.to_stored(torch.tensor([[1.0, float("nan")]]), "disparity")
+        to_stored(torch.tensor([[1.0, float("nan")]]), "disparity")
 
 
 def test_constant_predictions_are_counted(tmp_path, monkeypatch, dpt_dir, capsys):
@@ -253,7 +254,7 @@ def test_preview_of_existing_maps_keeps_the_record(tmp_path, dpt_dir):
     assert (depth_dir / "meta.json").read_bytes() == record  # still the run that wrote the 4 maps, at its speed
     assert sorted(json.loads(record)["shards"][0]["written"]) == ids
     assert {i: (depth_dir / f"{i}.png").read_bytes() for i in ids} == maps
-    assert Image.open(depth_dir / "preview.png").size[1] == 2 * (make_depth.PREVIEW_HEIGHT + TITLE_HEIGHT)
+    assert Image.open(depth_dir / "preview.png").size[1] == 2 * (PREVIEW_HEIGHT + TITLE_HEIGHT)
 
 
 def test_bad_input_errors_name_the_problem(tmp_path, dpt_dir):

@@ -11,7 +11,8 @@ from PIL import Image
 from data.synthetic import VOC_PALETTE
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD, SIZE_DIVISOR, eval_image
 from data.voc import DataError
-from evaluation.inference import onnx_predictor, torch_predictor
+from data.visualize import overlay
+from evaluation.inference import onnx_predictor, predict_rgb, torch_predictor
 from models import ModelConfig, build_model, load_model, save_model
 from tools import export
 from tools import predict as predict_tool
@@ -129,7 +130,7 @@ def test_each_image_reaches_the_model_alone_at_its_size_normalised():
         seen.append(x.clone())
         return {"seg": torch.zeros(x.shape[0], 21, *x.shape[-2:])}
 
-    predict_tool.predict(fake, image, "cpu")
+    predict_rgb(fake, image, "cpu")
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
     assert len(seen) == 1 and seen[0].shape == (1, 3, 67, 71)  # no padding
     torch.testing.assert_close(seen[0][0], (image / 255.0 - mean) / std)
@@ -143,7 +144,7 @@ def test_predict_keeps_the_layout_of_the_outputs():
         depth = torch.arange(h, dtype=torch.float32).view(1, 1, h, 1).expand(b, 1, h, w)
         return {"seg": seg, "depth": depth}
 
-    out = predict_tool.predict(fake, torch.zeros(3, 37, 50, dtype=torch.uint8), "cpu")
+    out = predict_rgb(fake, torch.zeros(3, 37, 50, dtype=torch.uint8), "cpu")
     assert out["seg"].shape == (37, 50) and out["seg"].dtype == torch.uint8
     assert torch.equal(out["seg"], torch.arange(50).remainder(21).to(torch.uint8).expand(37, 50))
     assert torch.equal(out["depth"][0, :, 0], torch.arange(37, dtype=torch.float32))
@@ -152,7 +153,7 @@ def test_predict_keeps_the_layout_of_the_outputs():
 def test_overlay_blends_foreground_and_keeps_background():
     image = torch.full((3, 2, 2), 100, dtype=torch.uint8)
     mask = torch.tensor([[0, 15], [15, 0]], dtype=torch.uint8)
-    out = predict_tool.blend(image, mask, alpha=0.5)
+    out = overlay(image, mask, alpha=0.5)
     assert torch.equal(out[:, 0, 0], image[:, 0, 0])
     person = torch.tensor(VOC_PALETTE[45:48], dtype=torch.float32)  # class 15
     assert torch.equal(out[:, 0, 1], ((100 + person) / 2).round().to(torch.uint8))

@@ -17,6 +17,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import train
+from data import PRESETS
 from data.checks import check_data
 from data.sampler import Stream
 from data.voc import DataError
@@ -145,14 +146,14 @@ def test_check_data_reports_every_problem_and_cli_exit_code(tiny_voc, tmp_path, 
     patterns = [truncate_jpeg(root, ids[0]), bad_label_value(root, ids[1]), small_depth(root, val[0])]
     Image.fromarray(np.full((64, 64), 7, np.uint16)).save(root / "PseudoDepth" / f"{ids[2]}.png")
     (root / "PseudoDepth" / f"{ids[3]}.png").unlink()
-    report, errors = check_data(root, ["train", "val"], True, 21)
+    report, errors = check_data(root, ["train", "val"], True, PRESETS["voc"])
     assert errors == 4
     for pattern in patterns:
         assert any(re.search(pattern, line) for line in report.splitlines()), pattern
     assert f"{ids[2]}.png: constant pseudo depth" in report and f"{ids[3]}.png: pseudo depth missing" in report
     assert "split 'train': 16 samples, 3 with errors" in report and "split 'val': 7 samples, 1 with errors" in report
     assert f"make_depth.py --data-root {root} --split train" in report
-    report_seg, errors_seg = check_data(root, ["train", "val"], False, 21)  # a seg-only schedule: depth not read
+    report_seg, errors_seg = check_data(root, ["train", "val"], False, PRESETS["voc"])  # a seg-only schedule: depth not read
     assert errors_seg == 2 and "PseudoDepth" not in report_seg
 
     proc = subprocess.run([sys.executable, str(REPO / "train.py"), "--check-data", "--data-root", str(root),

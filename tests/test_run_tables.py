@@ -149,3 +149,34 @@ def test_runs_a_cell_then_resumes_without_rerunning(tiny_voc, tmp_path, monkeypa
     other[other.index("--budget") + 1] = "6"
     with pytest.raises(SystemExit, match="other settings"):  # another budget would mix incomparable runs
         rt.main(parse(*other))
+
+
+def test_label_count_sweep_shares_the_depth_stage_and_reports_per_count(tiny_voc, tmp_path):
+    """--labelled: nested subsets written, every schedule at every count, the depth stage trained once per seed and
+    reused by the three other runs that start with it, the report per labelled count with paired differences."""
+    root = tmp_path / "voc"
+    import shutil
+
+    shutil.copytree(tiny_voc, root)
+    out = tmp_path / "labels"
+    argv = ["--dataset", "synthetic", "--data-root", str(root), "--seeds", "2", "--out", str(out),
+            "--labelled", "4", "all", "--schedules", "s", "d_s_b", "d_s_b_copy",
+            "--schedule-steps", "s=2", "d_s_b=2,1,1", "--", "--depth-only", "rest", "--val-every", "1",
+            *[a for a in TINY if a != "--max-steps-per-epoch" and a != "1"]]
+    assert rt.main(parse(*argv)) == 0
+    subset = (root / "ImageSets/Segmentation/train_n4.txt").read_text().split()
+    assert len(subset) == 4 and set(subset) < set((root / "ImageSets/Segmentation/train.txt").read_text().split())
+    runs = {p.parent.parent.name + "/" + p.parent.name + "/" + p.name: json.loads((p / "run_config.json").read_text())
+            for p in (out / "runs").glob("*/*/seed*")}
+    assert len(runs) == 12
+    reused = {k: v["reused_prefix"] for k, v in runs.items() if "reused_prefix" in v}
+    assert len(reused) == 6 and all(r["stages"] == 1 for r in reused.values())  # 4 d_s_b runs a seed, 1 trains it
+    assert {runs[k]["images"]["labelled"]["count"] for k in runs} == {4, 16}
+    assert not (out / "prefixes").exists()  # the store goes once every run finished
+    report = (out / "results.md").read_text()
+    assert "| schedule | 4 labelled | 16 labelled |" in report and "6 runs started from a stage prefix" in report
+    assert "## Paired differences against `s` (fg_mIoU), per labelled count" in report
+    assert report.count("| `d_s_b") == 3 * 2  # fg_mIoU, differences and curve tables... per schedule row
+    assert (out / "labels.png").stat().st_size > 0
+    rows = list(csv.DictReader(open(out / "results_seeds.csv")))
+    assert len(rows) == 12 and {r["labelled"] for r in rows} == {"4", "16"}

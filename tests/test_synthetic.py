@@ -259,3 +259,135 @@ def test_old_generator_version_is_regenerated_or_refused(tmp_path: Path) -> None
     assert prepare_root("synthetic", out) == out  # the default path: regenerated with its own parameters
     assert json.loads(meta.read_text()) == {**PARAMS, "depth_cue": 0.0, "version": synthetic.GENERATOR_VERSION}
     assert [p.name for p in tmp_path.iterdir()] == ["set"]
+
+
+# --- depth-only extra scenes (num_extra) ---
+
+NUM_EXTRA = 3
+
+
+@pytest.fixture(scope="module")
+def extra_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`root`'s set with depth-only extra scenes."""
+    return make_synthetic(tmp_path_factory.mktemp("extra") / "set", **PARAMS, num_extra=NUM_EXTRA)
+
+
+def test_extra_scenes_have_image_and_depth_only(root: Path, extra_root: Path) -> None:
+    extra = [f"syn_extra_{i:05d}" for i in range(NUM_EXTRA)]
+    assert ids(extra_root, "extra") == extra
+    for split in ("train", "val", "trainval"):  # listed nowhere else
+        assert ids(extra_root, split) == ids(root, split)
+    assert not (root / "ImageSets/Segmentation/extra.txt").exists()
+    size = PARAMS["size"]
+    for name in extra:
+        assert Image.open(extra_root / "JPEGImages" / f"{name}.jpg").size == (size, size)
+        depth = read(extra_root, "PseudoDepth", name)
+        assert depth.shape == (size, size) and depth.min() == 0 and depth.max() == 65535
+        for folder in ("SegmentationClass", "SegmentationObject"):
+            assert not (extra_root / folder / f"{name}.png").exists()
+    meta = json.loads((extra_root / "PseudoDepth/meta.json").read_text())
+    assert meta["count"] == PARAMS["num_train"] + PARAMS["num_val"] + NUM_EXTRA  # every depth map written
+    assert json.loads((extra_root / "SYNTHETIC.json").read_text())["num_extra"] == NUM_EXTRA
+
+
+def test_extra_scenes_leave_train_and_val_unchanged(root: Path, extra_root: Path) -> None:
+    before, after = file_bytes(root), file_bytes(extra_root)
+    changed = {"SYNTHETIC.json", "PseudoDepth/meta.json"}
+    assert {k: v for k, v in before.items() if k not in changed} == {k: after[k] for k in before if k not in changed}
+    added = sorted(set(after) - set(before))
+    assert added == sorted(["ImageSets/Segmentation/extra.txt"]
+                           + [f"JPEGImages/syn_extra_{i:05d}.jpg" for i in range(NUM_EXTRA)]
+                           + [f"PseudoDepth/syn_extra_{i:05d}.png" for i in range(NUM_EXTRA)])
+    # their own per-image seeds: not copies of the first train or val scene
+    first = after["JPEGImages/syn_extra_00000.jpg"]
+    assert first not in (after["JPEGImages/syn_train_00000.jpg"], after["JPEGImages/syn_val_00000.jpg"])
+
+
+def test_default_parameters_add_no_keys(root: Path, tmp_path: Path) -> None:
+    # num_extra=0 and bands=False are the defaults: SYNTHETIC.json (which make_synthetic compares for equality with an
+    # existing set's) and every file stay as before they existed
+    assert set(json.loads((root / "SYNTHETIC.json").read_text())) == {*PARAMS, "depth_cue", "version"}
+    same = make_synthetic(tmp_path / "same", **PARAMS, num_extra=0, bands=False)
+    assert file_bytes(same) == file_bytes(root)
+    assert make_synthetic(root, **PARAMS, num_extra=0, bands=False) == root  # a no-op, not a refusal
+
+
+def test_bad_extra_and_bands_arguments(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="num_extra"):
+        make_synthetic(tmp_path / "a", **PARAMS, num_extra=-1)
+    with pytest.raises(ValueError, match="choose one"):
+        make_synthetic(tmp_path / "c", **PARAMS, depth_cue=0.7, bands=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- the bands family: class = silhouette group x depth band ---
+
+BAND_PARAMS = {**PARAMS, "num_train": 120, "num_val": 30}  # enough objects per class for statistics
+
+
+@pytest.fixture(scope="module")
+def bands_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_synthetic(tmp_path_factory.mktemp("bands") / "set", **BAND_PARAMS, bands=True)
+
+
+def object_stats(root: Path) -> dict[int, list[tuple[float, float, float]]]:
+    """Per class, for every visible instance (5 pixels or more): (median stored depth, hue in turns, pixel count)."""
+    found = {}
+    for name in ids(root, "trainval"):
+        image, label = read(root, "JPEGImages", name), read(root, "SegmentationClass", name)
+        objects, depth = read(root, "SegmentationObject", name), read(root, "PseudoDepth", name) / 65535
+        for k in set(np.unique(objects).astype(int)) - {0, 255}:
+            inside = objects == k
+            if inside.sum() >= 5:
+                r, g, b = image[inside].mean(0)
+                hue = np.arctan2(np.sqrt(3) * (g - b), 2 * r - g - b) / (2 * np.pi)
+                found.setdefault(int(label[inside][0]), []).append((float(np.median(depth[inside])), hue, inside.sum()))
+    return found
+
+
+def test_bands_set_is_a_valid_set(bands_root: Path) -> None:
+    assert json.loads((bands_root / "SYNTHETIC.json").read_text()) == {
+        **BAND_PARAMS, "depth_cue": 0.0, "bands": True, "version": synthetic.GENERATOR_VERSION}
+    test_images_and_labels(bands_root)
+    for name in ids(bands_root, "trainval"):  # 16-bit; the ground's bottom row is every scene's nearest pixel
+        depth = np.asarray(Image.open(bands_root / "PseudoDepth" / f"{name}.png")).astype(np.int64)
+        assert depth.min() == 0 and depth.max() == 65535 and depth[-1].max() == 65535
+    assert set(object_stats(bands_root)) == set(range(1, 21))
+
+
+def test_bands_depth_tells_the_band_and_the_hue_tells_the_group(bands_root: Path) -> None:
+    """The stored depth of an object falls in its class's band, the four bands' ranges apart (the depth map tells the
+    class within a group); the four classes of a group share one hue (colour tells the group, not the band)."""
+    stats = object_stats(bands_root)
+    bands = len(synthetic.BAND_DEPTHS)
+    ranges = [[d for c in range(1 + b, 21, bands) for d, _, _ in stats[c]] for b in range(bands)]
+    for near, far in zip(ranges, ranges[1:]):
+        assert min(near) > max(far)  # nearer band: larger inverse depth, and never overlapping
+    for group in range(len(synthetic.BAND_GROUP_SHAPES)):
+        hues = [h for c in range(1 + group * bands, 1 + (group + 1) * bands) for _, h, _ in stats[c]]
+        mean = np.angle(np.exp(2j * np.pi * np.array(hues)).mean()) / (2 * np.pi)
+        assert np.abs(np.exp(2j * np.pi * (np.array(hues) - mean)).mean()) > 0.9  # one hue a group
+    sizes = {b: np.median([n for c in range(1 + b, 21, bands) for _, _, n in stats[c]]) for b in range(bands)}
+    assert sizes[0] > sizes[1] > sizes[2] > sizes[3]  # perspective: nearer objects look larger
+
+
+def test_bands_cli_and_regeneration(tmp_path: Path) -> None:
+    from tools.make_synthetic import get_args_parser, main
+
+    parser = get_args_parser()
+    args = parser.parse_args(["--out", "x"])
+    assert (args.bands, args.num_extra) == (False, 0)
+    small = ["--out", str(tmp_path / "set"), "--num-train", "2", "--num-val", "1", "--size", "32"]
+    main(parser.parse_args(small + ["--bands", "--num-extra", "2"]))
+    meta = tmp_path / "set/SYNTHETIC.json"
+    params = json.loads(meta.read_text())
+    assert params["bands"] is True and params["num_extra"] == 2 and len(ids(tmp_path / "set", "extra")) == 2
+    with pytest.raises(ValueError, match="choose one"):
+        main(parser.parse_args(small + ["--bands", "--depth-cue", "--overwrite"]))
+    # an older generator's set is regenerated with its own parameters, bands and extras included
+    meta.write_text(json.dumps({**params, "version": synthetic.GENERATOR_VERSION - 1}))
+    assert synthetic.regenerate_if_old(tmp_path / "set")
+    assert json.loads(meta.read_text()) == params
+    done = subprocess.run([sys.executable, "tools/make_synthetic.py", *small, "--bands", "--depth-cue", "--overwrite"],
+                          cwd=REPO, capture_output=True, text=True, check=False)
+    assert done.returncode != 0 and "choose one" in done.stderr

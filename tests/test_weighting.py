@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 import train
 from models import load_model
 from models.weighting import DynamicWeightAverage, UncertaintyWeighting, build_weighting, trainable_params
+from run_state import CheckpointError, load_extra
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--encoder", "resnet18", "--crop-size", "64", "--base-size", "64", "--batch-size", "4",
@@ -77,7 +78,11 @@ def test_train_runs_with_each_weighting(kind, tiny_voc, tmp_path, fresh_accelera
     assert load_model(last).config.tasks == ("seg", "depth")  # the model file holds the model alone
     if kind == "paper":
         assert all("w_seg" not in e for e in epochs) and not (last / "model_1.safetensors").exists()
-    elif kind == "dwa":
+        assert not (last / "weighting.pt").exists()
+    elif kind == "dwa":  # no parameters, not prepared: its history is weighting.pt
+        assert not (last / "model_1.safetensors").exists()
+        history = torch.load(last / "weighting.pt", weights_only=True)["_extra_state"]["history"]
+        assert [h["seg"] for h in history] == [e["seg"] for e in epochs[-2:]]
         assert [(e["w_seg"], e["w_depth"]) for e in epochs[:2]] == [(1.0, 1.0), (1.0, 1.0)]
         r = [epochs[1][t] / epochs[0][t] for t in ("seg", "depth")]
         w_seg = 2 * math.exp(r[0] / 2) / (math.exp(r[0] / 2) + math.exp(r[1] / 2))
@@ -85,6 +90,7 @@ def test_train_runs_with_each_weighting(kind, tiny_voc, tmp_path, fresh_accelera
         assert epochs[2]["w_seg"] + epochs[2]["w_depth"] == pytest.approx(2.0, rel=1e-5)
     else:
         s = load_file(last / "model_1.safetensors")["log_vars"]  # prepared alongside the model, saved by save_state
+        assert not (last / "weighting.pt").exists()  # and only there
         assert s.abs().min() > 1e-3  # 6 steps at lr 1e-2 moved both log-variances
         assert epochs[-1]["w_seg"] == pytest.approx(math.exp(-s[0].item()), rel=0.05)
 
@@ -107,6 +113,27 @@ def test_uncertainty_weighting_resumes(tiny_voc, tmp_path, fresh_accelerate, mon
     GradientState._reset_state()
     run(tiny_voc, out, "--stage-epochs", "2", "--joint-weighting", "uncertainty", "--resume", "auto")
     assert len(seen) == 1 and torch.equal(seen[0], saved) and saved.abs().min() > 0  # not back at zero
+
+
+def test_load_extra_reads_its_file_or_leaves_the_prepared_one_to_load_state(tmp_path):
+    trained = UncertaintyWeighting(("seg", "depth"))
+    with torch.no_grad():
+        trained.log_vars.copy_(torch.tensor([0.5, -0.25]))
+    old = tmp_path / "old"  # written before the weighting was saved once: both files
+    old.mkdir()
+    torch.save(trained.state_dict(), old / "weighting.pt")
+    (old / "model_1.safetensors").write_bytes(b"")
+    fresh = UncertaintyWeighting(("seg", "depth"))
+    load_extra(old, {"weighting": fresh})
+    assert torch.equal(fresh.log_vars, trained.log_vars)
+    new = tmp_path / "new"  # prepared when saved: only save_state's file, which load_state reads
+    new.mkdir()
+    (new / "model_1.safetensors").write_bytes(b"")
+    load_extra(new, {"weighting": UncertaintyWeighting(("seg", "depth"))})
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    with pytest.raises(CheckpointError, match="weighting.pt: missing"):
+        load_extra(broken, {"weighting": UncertaintyWeighting(("seg", "depth"))})
 
 
 def test_uncertainty_weighting_on_two_cpu_ranks(tiny_voc, tmp_path, launch_two_ranks):

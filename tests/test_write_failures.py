@@ -25,13 +25,17 @@ from run_state.writes import writing
 # next call); pytest reports that thread's exception wherever it sees it
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 HELPER = Path(__file__).with_name("write_faults.py")
-# 16 images, batch 4, 2 steps an epoch, 5 epochs: 10 optimizer steps and a checkpoint after each one; the joint
-# weighting's state (weighting.pt) is in every checkpoint
-CHAIN = [*TINY, "--schedule", "b", "--stage-epochs", "5", "--max-steps-per-epoch", "2", "--joint-weighting",
-         "uncertainty", "--checkpoint-every", "1", "--deterministic", "--resume", "auto"]
-# every kind of file a checkpoint holds, in the order its writer writes them (model_1: the joint weighting, prepared)
-KINDS = ["model.safetensors", "model_1.safetensors", "optimizer.bin", "random_states_0.pkl", "config.json",
-         "weighting.pt", "train_state.json", "manifest.json"]
+# 16 images, batch 4, 2 steps an epoch, 5 epochs: 10 optimizer steps and a checkpoint after each one, each holding
+# the joint weighting's state (--joint-weighting WEIGHTING)
+CHAIN = [*TINY, "--schedule", "b", "--stage-epochs", "5", "--max-steps-per-epoch", "2", "--checkpoint-every", "1",
+         "--deterministic", "--resume", "auto", "--joint-weighting"]
+# every kind of file a checkpoint holds, in the order its writer writes them, by the joint weighting that gives them:
+# the weighting's state is saved once, in save_state's model_1.safetensors when it is prepared (uncertainty), else as
+# weighting.pt (DWA has no parameters and is never prepared)
+KINDS = {"uncertainty": ["model.safetensors", "model_1.safetensors", "optimizer.bin", "random_states_0.pkl",
+                         "config.json", "train_state.json", "manifest.json"],
+         "dwa": ["weighting.pt"]}
+WEIGHTING_FILE = {"uncertainty": "model_1.safetensors", "dwa": "weighting.pt"}
 
 
 def run_cli(root, out, *extra, fail=None):
@@ -58,17 +62,20 @@ def no_temporaries(out: Path) -> list[str]:
     return sorted(str(p.relative_to(out)) for p in out.rglob("*") if ".tmp" in p.name)
 
 
-def test_disk_full_during_each_checkpoint_file_is_named_and_resume_is_bit_identical(tiny_voc, tmp_path):
+@pytest.mark.parametrize("weighting", list(KINDS))
+def test_disk_full_during_each_checkpoint_file_is_named_and_resume_is_bit_identical(weighting, tiny_voc, tmp_path):
     """Each kind of checkpoint file fails in turn (a run per kind, each resuming the last): one line naming the file
     and the full disk, no traceback, `last` intact and verifying, no temporary folder; the run that then finishes
-    has the weights, Adam state and log lines of one that never failed."""
+    has the weights, Adam state, weighting state and log lines of one that never failed."""
+    chain = [*CHAIN, weighting]
     for folder in ("ref", "failed"):
         (tmp_path / folder).mkdir()
-    ref = run_cli(tiny_voc, tmp_path / "ref" / "run", *CHAIN)  # runs alongside
+    ref = run_cli(tiny_voc, tmp_path / "ref" / "run", *chain)  # runs alongside
     out = tmp_path / "failed" / "run"
     last = out / "checkpoints" / "last"
-    for k, kind in enumerate(KINDS):
-        rc, stdout, stderr = finish(run_cli(tiny_voc, out, *CHAIN, fail=f"{kind}:2"))  # this run's 2nd checkpoint
+    kinds = KINDS[weighting]
+    for k, kind in enumerate(kinds):
+        rc, stdout, stderr = finish(run_cli(tiny_voc, out, *chain, fail=f"{kind}:2"))  # this run's 2nd checkpoint
         assert rc == 1, f"{kind}: rc {rc}\n{stderr[-3000:]}"
         assert "Traceback" not in stderr, stderr[-3000:]
         lines = screen_lines(stderr)
@@ -81,9 +88,9 @@ def test_disk_full_during_each_checkpoint_file_is_named_and_resume_is_bit_identi
         assert "; checkpoints/last" in errors[0] and errors[0].endswith(" unchanged"), errors[0]
         assert train_state(last)["global_step"] == k + 1 and verify(last) == []
         assert no_temporaries(out) == []
-    rc, stdout, stderr = finish(run_cli(tiny_voc, out, *CHAIN))
+    rc, stdout, stderr = finish(run_cli(tiny_voc, out, *chain))
     assert rc == 0, stderr[-3000:]
-    assert "resumed from" in stdout and "stage 0, epoch 4, step 0" in stdout
+    assert "resumed from" in stdout and f"stage 0, epoch {len(kinds) // 2}, step {len(kinds) % 2}" in stdout
     rc_ref, _, ref_err = finish(ref)
     assert rc_ref == 0, ref_err[-3000:]
 
@@ -93,8 +100,11 @@ def test_disk_full_during_each_checkpoint_file_is_named_and_resume_is_bit_identi
     assert wa.keys() == wb.keys() and [k for k in wa if not torch.equal(wa[k], wb[k])] == []
     oa, ob = (torch.load(f / "optimizer.bin", weights_only=True)["state"] for f in (a, last))
     assert oa.keys() == ob.keys() and all(torch.equal(oa[i][k], ob[i][k]) for i in oa for k in oa[i])
-    ua, ub = (torch.load(f / "weighting.pt", weights_only=True) for f in (a, last))
-    assert all(torch.equal(ua[k], ub[k]) for k in ua)
+    state = WEIGHTING_FILE[weighting]
+    assert sorted(p.name for p in last.iterdir() if p.name in WEIGHTING_FILE.values()) == [state]  # held once
+    ua, ub = (load_file(f / state) if state.endswith(".safetensors") else torch.load(f / state, weights_only=True)
+              for f in (a, last))
+    torch.testing.assert_close(ua, ub, rtol=0, atol=0)
     assert (out / "log.jsonl").read_text() == (tmp_path / "ref/run/log.jsonl").read_text()
 
 

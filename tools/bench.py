@@ -1,6 +1,6 @@
 """Speed of training, inference and data loading, against segmentation_models_pytorch's Unet(resnet50), in one run.
 
-    python tools/bench.py                          # the default run: 4x256 training, batch-1 inference (<= ~10 min, 2 CPU cores)
+    python tools/bench.py                          # the default run: 4x256 training, batch-1 inference
     python tools/bench.py --full                   # the full sweep: + 2x512, the ablations, batch 8, peak memory
     python tools/bench.py --json bench.json        # also every number as JSON
     python tools/bench.py --quick                  # tiny sizes, few steps: checks the bench itself in seconds
@@ -8,18 +8,19 @@
     python tools/bench.py --device cuda --precision bf16 --train-shapes 16x256,8x512   # what tools/gpu_check.py runs
 
 Training rows time the project's own step (train.train_step on a stage set up by train.setup_stage, with
-Accelerate's mixed precision) on fixed random batches, with train.py's defaults; smp's Unet runs in the loop a user writes (autocast, focal loss from cross entropy, PyTorch's
-default Adam), also with a second smp decoder. The cases of one precision run interleaved, round by round (each round
-in a seeded random order), together with torch.mm, so that their ratios see the same machine load; every number is
-the median of the timed steps after warm-up. A progress bar (stderr) says what runs and how many of the run's steps
-are done. The parts live in tools/benchmarks/, one module per thing measured.
+Accelerate's mixed precision) on fixed random batches, with train.py's defaults; smp's Unet runs in the loop a user
+writes (autocast, focal loss from cross entropy, PyTorch's default Adam), also with a second smp decoder. The cases of
+one precision run interleaved, round by round (each round in a seeded random order), together with torch.mm, so that
+their ratios see the same machine load; every number is the median of the timed steps after warm-up. A precision the
+device would only emulate (bf16 on a CPU without AVX512-BF16 or AMX) is skipped, and the output says so; --full first
+says about how long it will take. A progress bar (stderr) says what runs. The parts live in benchmarks/.
 """
 import argparse
 import json
 import os
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,18 +29,9 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from tools.benchmarks import inference, loading, memory, report, training  # noqa: E402
-from tools.benchmarks.timing import ACCELERATE_PRECISION, DEFAULT, FULL, QUICK, QUICK_FULL, Settings  # noqa: E402
-from tools.benchmarks.training import DEFAULTS, TrainSpec  # noqa: E402
-
-
-def settings_of(args: argparse.Namespace) -> Settings:
-    """The run's sizes: --quick / --full, then the flags that override them."""
-    settings = {(False, False): DEFAULT, (False, True): FULL, (True, False): QUICK, (True, True): QUICK_FULL}[
-        (args.quick, args.full)]
-    given = {"encoder": args.encoder, "precisions": args.precision, "train_shapes": args.train_shapes,
-             "infer_batches": args.infer_batches}
-    return replace(settings, **{k: v for k, v in given.items() if v is not None})
+from benchmarks import estimate, inference, loading, memory, report, training  # noqa: E402
+from benchmarks.timing import ACCELERATE_PRECISION, choose_settings, native_only  # noqa: E402
+from benchmarks.training import DEFAULTS, TrainSpec  # noqa: E402
 
 
 def default_rows(rows: list[dict]) -> list[dict]:
@@ -48,10 +40,12 @@ def default_rows(rows: list[dict]) -> list[dict]:
 
 
 def main(args: argparse.Namespace) -> dict:
-    settings = settings_of(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.memory_case:
-        return memory.memory_child(TrainSpec(**json.loads(args.memory_case)), device)
+    chosen = choose_settings(args.quick, args.full, encoder=args.encoder, precisions=args.precision,
+                             train_shapes=args.train_shapes, infer_batches=args.infer_batches)
+    settings, skipped = native_only(chosen, device, args.allow_emulated)
+    for precision, why in skipped.items():
+        print(f"skipping {precision}: {why}")
     try:
         import segmentation_models_pytorch  # noqa: F401  (bench-only dependency)
         with_smp = not args.no_smp
@@ -59,11 +53,17 @@ def main(args: argparse.Namespace) -> dict:
         with_smp = False
         print("segmentation_models_pytorch is not installed: no peer rows (pip install -r requirements-dev.txt)")
     with_memory = args.full if args.memory is None else args.memory
+    parallel = 1 if device.type == "cuda" else 2
     out = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "machine": report.machine_info(device),
-           "settings": asdict(settings), "default_precision": training.default_precision()}
-    n_memory = sum(len([s for s in training.train_specs(settings, p, with_smp, args.compile, device.type)
+           "settings": asdict(settings), "skipped_precisions": skipped, "default_precision": training.default_precision()}
+    n_memory = sum(len([s for s in training.train_specs(settings, p, with_smp, args.compile)
                         if all(getattr(s, k) == v for k, v in DEFAULTS.items())]) for p in settings.precisions)
-    total = (training.planned_steps(settings, with_smp, args.compile, device.type) + with_memory * n_memory
+    if args.full:
+        unit = estimate.step_seconds(settings, device)
+        seconds = estimate.planned_seconds(settings, unit, with_smp, args.compile, with_memory * n_memory, parallel)
+        out["estimated_seconds"] = round(seconds)
+        print(estimate.describe(seconds, unit, settings), flush=True)
+    total = (training.planned_steps(settings, with_smp, args.compile) + with_memory * n_memory
              + inference.planned_steps(settings, with_smp) + loading.planned_steps(settings))
     seconds, tic = out.setdefault("seconds", {}), time.perf_counter()
 
@@ -79,7 +79,7 @@ def main(args: argparse.Namespace) -> dict:
             bar.set_description("peak memory: one process per case")
             rows = default_rows(out["train"])
             specs = [TrainSpec(**{k: r[k] for k in TrainSpec.__dataclass_fields__}) for r in rows]
-            for row, peak in zip(rows, memory.peak_memory(specs, device, 1 if device.type == "cuda" else 2, bar)):
+            for row, peak in zip(rows, memory.peak_memory(specs, device, parallel, bar)):
                 row["peak_mib"] = peak
             lap("memory")
         out["inference"] = inference.bench_inference(settings, device, with_smp, bar)
@@ -112,11 +112,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Training, inference and data loading speed against smp's Unet, in one run")
     p.add_argument("--json", default=None, metavar="FILE", help="also write every number to this JSON file")
     p.add_argument("--full", action="store_true",
-                   help="the full sweep: training at 4x256 and 2x512, the ablations, inference at batch 1 and 8, peak memory")
+                   help="the full sweep: training at 4x256 and 2x512, the ablations, inference at batch 1 and 8, peak "
+                        "memory; says how long it will take before it starts")
     p.add_argument("--quick", action="store_true", help="tiny sizes (resnet18, 64 px) and few steps: checks the bench")
     p.add_argument("--encoder", default=None, help="ResNet of both models (default resnet50; --quick: resnet18)")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
-    p.add_argument("--precision", default=None, type=precisions, metavar="fp32,bf16", help="precisions to run (default: both)")
+    p.add_argument("--precision", default=None, type=precisions, metavar="fp32,bf16",
+                   help="precisions to run (default: both, less those the device would only emulate)")
+    p.add_argument("--allow-emulated", action="store_true",
+                   help="also run precisions the device only emulates (bf16 on a CPU without AVX512-BF16 or AMX): "
+                        "slow and meaningless as speed, for checking the bench itself")
     p.add_argument("--train-shapes", default=None, type=shapes, metavar="BxS,...",
                    help="training batch x side (default 4x256; --full: 4x256,2x512)")
     p.add_argument("--infer-batches", default=None, type=lambda s: tuple(int(b) for b in s.split(",")), metavar="B,...",
@@ -127,7 +132,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=None,
                    help="measure peak memory, one fresh process per training case (default: with --full)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--memory-case", default=None, help=argparse.SUPPRESS)  # internal: the child of peak_memory
     return p
 
 

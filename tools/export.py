@@ -5,15 +5,15 @@
     python tools/export.py --checkpoint runs/latest --out exported/ --int8 --calibration-images 300
 
 Writes to --out: `model.safetensors` + `config.json` (loadable with models.load_model), `model.pt`
-(TorchScript) and `model.onnx` (input "image" (B, 3, H, W), output "logits" (B, 21, H, W), batch,
+(TorchScript) and `model.onnx` (input "image" (B, 3, H, W), output "logits" (B, num_classes, H, W), batch,
 height and width dynamic), `export.json` (cost and parity numbers) and `manifest.json` (each file's size and
 SHA-256, which evaluate.py and predict.py verify before loading). Prints the parameters and
 FLOPs of the full and the exported model, then checks that all three files give the seg logits of
 the checkpoint's model in PyTorch eager and fails, leaving --out unchanged, when they do not.
 
---int8 also writes `model_int8.onnx`, ONNX Runtime's static quantization calibrated on training images of the run's
-dataset (tools/quantize.py), and adds to export.json (section "int8") and the screen both ONNX models' size, batch-1
-latency on this CPU and mIoU / fg_mIoU on the val split.
+--int8 also writes `model_int8.onnx`, ONNX Runtime's static quantization of model.onnx calibrated on training images
+of the run's dataset (models/quantize.py, evaluation/int8.py), and adds to export.json (section "int8") and the
+screen both ONNX models' size, batch-1 latency on this CPU and mIoU / fg_mIoU on the val split.
 """
 import argparse
 import json
@@ -28,12 +28,11 @@ from data import PRESETS  # noqa: E402
 from models.files import MANIFEST_NAME, write_manifest  # noqa: E402
 from models.io import CheckpointError, load_model, resolve_checkpoint, save_model  # noqa: E402
 from models.deploy import (  # noqa: E402
-    ONNX_NAME, TORCHSCRIPT_NAME, SegLogits, check_parity, count_flops, count_params, export_onnx,
+    ONNX_INT8_NAME, ONNX_NAME, TORCHSCRIPT_NAME, SegLogits, check_parity, count_flops, count_params, export_onnx,
     export_torchscript, seg_only,
 )
-from tools.quantize import (  # noqa: E402
-    CALIBRATION_METHODS, INT8_NAME, export_int8, find_dataset, print_int8, require_onnxruntime,
-)
+from evaluation.int8 import export_int8, find_dataset, print_int8  # noqa: E402
+from models.quantize import CALIBRATION_METHODS, require_onnxruntime  # noqa: E402
 
 IN_CHANNELS = 3
 REPORT_NAME = "export.json"
@@ -103,7 +102,7 @@ def check_out(out: Path, source: Path) -> None:
 
 
 def int8_settings(args: argparse.Namespace, source: Path) -> dict:
-    """What tools/quantize.export_int8 needs, from the flags and the checkpoint's run."""
+    """What evaluation/int8.export_int8 needs, from the flags and the checkpoint's run."""
     require_onnxruntime()
     dataset, root = find_dataset(source, args.dataset, args.data_root)
     return {"dataset": dataset, "data_root": root, "calibration_images": args.calibration_images,
@@ -150,7 +149,7 @@ def main(args: argparse.Namespace) -> None:
         )
     publish(tmp, out)
     print(f"exported to {out}: model.safetensors, config.json, {TORCHSCRIPT_NAME}, {ONNX_NAME}"
-          f"{', ' + INT8_NAME if args.int8 else ''}, {REPORT_NAME}, {MANIFEST_NAME}")
+          f"{', ' + ONNX_INT8_NAME if args.int8 else ''}, {REPORT_NAME}, {MANIFEST_NAME}")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -174,7 +173,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "(default dynamo)")
     int8 = parser.add_argument_group("int8 export (--int8; needs onnxruntime)")
     int8.add_argument("--int8", action="store_true",
-                      help=f"also write {INT8_NAME} (static QDQ quantization, per-channel int8 weights) and report "
+                      help=f"also write {ONNX_INT8_NAME} (static QDQ quantization, per-channel int8 weights) and report "
                            "its size, latency and mIoU against model.onnx")
     int8.add_argument("--calibration-images", default=300, type=positive_int, metavar="N",
                       help="training images to calibrate on, spread over the split (default 300)")

@@ -1,11 +1,12 @@
 """The GPU check, one script of at most 8 minutes: tools/bench.py on CUDA (bf16, 16x256 and 8x512 training, ours
 against smp's Unet if installed) and a real bf16 training of the default run (synthetic set,
-schedule d_s_b with --copy-weights, about 2 minutes or less). Writes everything to one Markdown file to
+schedule d_s_b with --copy-weights, stopped at --train-timeout). Writes everything to one Markdown file to
 paste into BENCHMARKS.md ("On a GPU").
 
     python tools/gpu_check.py                          # on a GPU machine: bench-out/gpu_check/results.md
     python tools/gpu_check.py --out DIR --memory       # elsewhere; + peak memory rows (a process per case, ~2 min)
     python tools/gpu_check.py --device cpu --quick     # checks the script itself on a CPU in a minute or two
+    python tools/gpu_check.py --dry-run                # prints the two commands it runs
 
 smp is a bench-only dependency (pip install segmentation-models-pytorch): without it the peer rows are missing.
 """
@@ -14,6 +15,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -24,6 +26,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from data.synthetic import make_synthetic  # noqa: E402
+from run_state.machine import describe_machine, machine_line  # noqa: E402
 
 TRAIN_SHAPES = "16x256,8x512"
 EPOCH_LINE = re.compile(r"stage \d+ \(\w+\) epoch \d+: [a-z_]+=[^%]*$")  # after validation (not the epoch's bar)
@@ -55,7 +62,8 @@ def run_logged(cmd: list[str], log: Path, timeout: float, stdout: Path | None = 
 
 
 def bench_command(args: argparse.Namespace, out: Path) -> list[str]:
-    sizes = ["--quick"] if args.quick else ["--train-shapes", TRAIN_SHAPES, "--infer-batches", "1,8"]
+    # --quick checks the script: on a CPU without native bf16 its bf16 runs emulated, which is all that check needs
+    sizes = ["--quick", "--allow-emulated"] if args.quick else ["--train-shapes", TRAIN_SHAPES, "--infer-batches", "1,8"]
     return [sys.executable, "tools/bench.py", "--device", args.device, "--precision", "bf16", *sizes,
             "--memory" if args.memory else "--no-memory", "--no-progress", "--json", str(out / "bench.json")]
 
@@ -99,30 +107,26 @@ def training_section(cmd: list[str], result: dict, run: Path) -> list[str]:
     return lines
 
 
-def machine_line(device: str) -> str:
-    import torch
-
-    what = torch.cuda.get_device_name() if device == "cuda" and torch.cuda.is_available() else f"{os.cpu_count()} CPU cores"
-    return f"machine: {what}; torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
-
-
 def main(args: argparse.Namespace) -> dict:
     out = Path(args.out)
+    if args.dry_run:
+        for cmd in (bench_command(args, out), train_command(args, out / "run", None)):
+            print(shlex.join(cmd))
+        return {"ok": True}
     out.mkdir(parents=True, exist_ok=True)
     tic = time.perf_counter()
     cmd = bench_command(args, out)
     print(f"[1/2] {' '.join(cmd[1:])} (at most {args.bench_timeout:.0f} s; log {out / 'bench.log'})", flush=True)
     bench = run_logged(cmd, out / "bench.log", args.bench_timeout, stdout=out / "bench.md")
     tables = (out / "bench.md").read_text().strip()
-    lines = ["# GPU check (tools/gpu_check.py)", "", machine_line(args.device), "",
+    device = args.device if args.device == "cpu" or torch.cuda.is_available() else "cpu"
+    lines = ["# GPU check (tools/gpu_check.py)", "", f"machine: {machine_line(describe_machine(device))}", "",
              f"## tools/bench.py on {args.device}, bf16", "", f"`{' '.join(cmd[1:])}`: exit code {bench['rc']}"
              + (" (stopped at the time limit)" if bench["timed_out"] else "") + f", {bench['seconds']:.0f} s", "",
              tables or "(no tables: see bench.log)", ""]
     with tempfile.TemporaryDirectory() as tmp:
         data_root = None
         if args.quick:
-            from data.synthetic import make_synthetic
-
             data_root = make_synthetic(Path(tmp) / "voc", num_train=8, num_val=4, size=64, seed=0)
         run = Path(tmp) / "run"
         cmd = train_command(args, run, data_root)
@@ -152,6 +156,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="cap on training steps per epoch (default: none; --quick: 1)")
     p.add_argument("--bench-timeout", type=float, default=300, help="seconds the bench may run before it is stopped")
     p.add_argument("--train-timeout", type=float, default=150, help="seconds the training may run before it is stopped")
+    p.add_argument("--dry-run", action="store_true", help="print the two commands it would run, and run nothing")
     return p
 
 

@@ -2,6 +2,7 @@
 
     python tools/make_synthetic.py --out datasets/synthetic
     python tools/make_synthetic.py --out datasets/synthetic-cue --depth-cue            # objects camouflaged
+    python tools/make_synthetic.py --out datasets/synthetic-bands --bands --num-extra 2000  # class = shape x depth band
     python tools/make_synthetic.py --out datasets/synthetic-256 --num-train 330 --num-val 346 --size 256 --overwrite
 """
 import argparse
@@ -16,9 +17,11 @@ from data.synthetic import CUE_TESTBED, DEFAULTS, make_synthetic  # noqa: E402
 def main(args: argparse.Namespace) -> None:
     """Generate the set (a no-op if the same set is already there) and say where it is."""
     out = make_synthetic(args.out, num_train=args.num_train, num_val=args.num_val, size=args.size,
-                         seed=args.seed, depth_cue=args.depth_cue, overwrite=args.overwrite)
-    family = f"depth-cue {args.depth_cue:g}" if args.depth_cue else "colour"  # docs/results.md's two families
-    print(f"synthetic set: {out} ({args.num_train} train + {args.num_val} val, {args.size} px, seed {args.seed}, "
+                         seed=args.seed, depth_cue=args.depth_cue, overwrite=args.overwrite, num_extra=args.num_extra,
+                         bands=args.bands)
+    family = f"depth-cue {args.depth_cue:g}" if args.depth_cue else "bands" if args.bands else "colour"
+    extra = f" + {args.num_extra} depth-only extra" if args.num_extra else ""
+    print(f"synthetic set: {out} ({args.num_train} train + {args.num_val} val{extra}, {args.size} px, seed {args.seed}, "
           f"{family} family)")
 
 
@@ -39,6 +42,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "no longer gives the object away and its depth step does (a break in the ground's "
                              f"stripes); flag alone: {CUE_TESTBED}, the testbed of docs/results.md; default 0: the "
                              "colour family, each class its own hue")
+    parser.add_argument("--bands", action="store_true",
+                        help="the bands family: 20 classes = 5 silhouette groups (a shape and a hue each) x 4 depth "
+                             "bands; the depth map shows the band, the image only through perspective (size, height "
+                             "on the ground, stripes of a fixed world period); not with --depth-cue")
+    parser.add_argument("--num-extra", metavar="N", default=0, type=int,
+                        help="also make N depth-only scenes (image and pseudo depth, no labels: split 'extra', "
+                             "listed in ImageSets/Segmentation/extra.txt), as unlabelled photos are; train and val "
+                             "stay the same whatever N (default 0)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing synthetic set made with other parameters (default off)")
     return parser

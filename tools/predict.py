@@ -24,10 +24,9 @@ from PIL import Image  # noqa: E402
 from torch import Tensor  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from data.visualize import colorize_depth, colorize_label, to_palette_png  # noqa: E402
-from data.transforms import eval_image  # noqa: E402
+from data.visualize import OVERLAY_ALPHA, colorize_depth, overlay, to_palette_png  # noqa: E402
 from data.voc import DataError, read_rgb  # noqa: E402
-from evaluation.inference import BACKENDS, Predictor, load_predictor, predict_image  # noqa: E402
+from evaluation.inference import BACKENDS, Predictor, load_predictor, predict_rgb  # noqa: E402
 from models.files import CheckpointError  # noqa: E402
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # what a folder given as --input contributes
@@ -91,21 +90,6 @@ def load(model: str, backend: str, device: str, depth: bool) -> tuple[Predictor,
     return run, config.tasks if depth else ("seg",), config.colours()
 
 
-def predict(run: Predictor, image: Tensor, device: str) -> dict[str, Tensor]:
-    """uint8 (3, H, W) -> {"seg": (H, W) uint8 class ids, "depth": (1, H, W) float if the model has it}, on the CPU."""
-    out = predict_image(run, eval_image(image).to(device))
-    result = {"seg": out["seg"].argmax(0).to(torch.uint8).cpu()}
-    if "depth" in out:
-        result["depth"] = out["depth"].cpu()
-    return result
-
-
-def blend(image: Tensor, mask: Tensor, alpha: float, palette=None) -> Tensor:
-    """Class colours (default VOC's) over the image (3, H, W) uint8; background pixels keep the image."""
-    mixed = image.float() * (1 - alpha) + colorize_label(mask, palette).float() * alpha
-    return torch.where(mask > 0, mixed, image.float()).round().to(torch.uint8)
-
-
 def to_pil(rgb: Tensor) -> Image.Image:
     """(3, H, W) uint8 -> PIL RGB image."""
     return Image.fromarray(rgb.permute(1, 2, 0).contiguous().numpy())
@@ -116,7 +100,7 @@ def save_outputs(result: dict[str, Tensor], image: Tensor, stem: str, out: Path,
     """Mask (palette PNG), optional overlay (JPEG) and depth image (PNG) of one input."""
     to_palette_png(result["seg"], palette).save(out / f"{stem}.png")
     if args.overlay:
-        to_pil(blend(image, result["seg"], args.alpha, palette)).save(out / f"{stem}_overlay.jpg",
+        to_pil(overlay(image, result["seg"], palette, args.alpha)).save(out / f"{stem}_overlay.jpg",
                                                                       quality=OVERLAY_QUALITY)
     if "depth" in result:
         to_pil(colorize_depth(result["depth"])).save(out / f"{stem}_depth.png")
@@ -134,7 +118,7 @@ def main(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for path in tqdm(files, desc="predict", unit="img"):
         image = read_rgb(path)  # as the dataset reads it
-        save_outputs(predict(run, image, device), image, path.stem, out, args, palette)
+        save_outputs(predict_rgb(run, image, device), image, path.stem, out, args, palette)
     print(f"wrote {len(files)} masks to {out}")
 
 
@@ -148,7 +132,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="image files and/or folders (folders: *.jpg, *.jpeg, *.png); required")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder; required")
     parser.add_argument("--overlay", action="store_true", help="also write <stem>_overlay.jpg (mask over image)")
-    parser.add_argument("--alpha", default=0.5, type=float, help="mask opacity in the overlay (default 0.5)")
+    parser.add_argument("--alpha", default=OVERLAY_ALPHA, type=float,
+                        help=f"mask opacity in the overlay (default {OVERLAY_ALPHA})")
     parser.add_argument("--no-depth", action="store_true",
                         help="skip the depth decoder of a multi-decoder checkpoint (no <stem>_depth.png)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),

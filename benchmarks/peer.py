@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from models import depth_loss
-from tools.benchmarks.timing import NUM_CLASSES
+from benchmarks.timing import NUM_CLASSES
 
 
 class SmpWithDepth(torch.nn.Module):

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from models import ModelConfig, build_model, load_model, save_model
 from models.deploy import forward_flops, seg_only
-from tools.benchmarks.timing import NUM_CLASSES, Case, Settings, make_batch, no_bar, run_interleaved
+from benchmarks.timing import NUM_CLASSES, Case, Settings, make_batch, no_bar, run_interleaved
 
 
 def inference_models(settings: Settings, device: torch.device, with_smp: bool, tmp: Path) -> dict:

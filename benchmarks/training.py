@@ -1,10 +1,9 @@
 """Training-step speed: the project's own step (train.train_step on a stage set up by train.setup_stage, with
 Accelerate's mixed precision) against smp's Unet in a user's loop (peer.py), on fixed random batches. The cases of one
-precision run in separate processes (train.py's allocator setting is process-wide), interleaved round by round so
-that their ratios see the same machine load, together with the hardware references."""
-import multiprocessing
+precision run interleaved round by round in one process, together with the hardware references, so that their
+ratios see the same machine load."""
+import gc
 import os
-import traceback
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 
@@ -17,9 +16,9 @@ from data import PRESETS
 from models import FocalLoss, ModelConfig, build_model
 from models.deploy import forward_flops
 from schedules import both, semantic
-from tools.benchmarks.peer import smp_model, smp_step
-from tools.benchmarks.timing import (Case, Settings, fresh_accelerator, make_batch, no_bar,
-                                     peak_cases, round_order, run_round, steps_per_case, warm_up)
+from benchmarks.peer import smp_model, smp_step
+from benchmarks.timing import (Case, Settings, fresh_accelerator, make_batch, no_bar, peak_cases, run_interleaved,
+                               steps_per_case)
 
 STAGES = {"seg": semantic(epochs=1), "both": both(epochs=1)}
 DEFAULTS = dict(compile=False, fused_adam=True)  # train.py's; other values: ablations
@@ -38,11 +37,6 @@ class TrainSpec:
     encoder: str
     compile: bool = False
     fused_adam: bool = True  # ours only: train.py's --fused-adam (the default) or --no-fused-adam
-
-    @property
-    def process(self) -> str:
-        """Which bench process runs it."""
-        return "peer" if self.peer == "smp" else "ours"
 
     @property
     def name(self) -> str:
@@ -94,7 +88,7 @@ def build_train_case(spec: TrainSpec, device: torch.device, accelerator: Acceler
     return Case(spec.name, step, spec.batch, 3 * per_image * spec.batch, {**asdict(spec), "forward_flops_per_image": per_image})
 
 
-def train_specs(settings: Settings, precision: str, with_smp: bool, compile: bool, device_type: str) -> list[TrainSpec]:
+def train_specs(settings: Settings, precision: str, with_smp: bool, compile: bool) -> list[TrainSpec]:
     """Ours (seg-only and both stages, with train.py's defaults) and, when installed, smp: fp32 NCHW (its default)
     and bf16 channels_last (its fastest). settings.ablations adds what fused Adam and, for smp, channels_last at fp32
     buy."""
@@ -115,87 +109,19 @@ def train_specs(settings: Settings, precision: str, with_smp: bool, compile: boo
     return specs
 
 
-def planned_steps(settings: Settings, with_smp: bool, compile: bool, device_type: str) -> int:
+def planned_steps(settings: Settings, with_smp: bool, compile: bool) -> int:
     """Steps (warm-up included) that bench_training runs: the progress bar's share of it."""
-    cases = sum(len(train_specs(settings, p, with_smp, compile, device_type)) + 1 + len(settings.conv_shapes)
+    cases = sum(len(train_specs(settings, p, with_smp, compile)) + 1 + len(settings.conv_shapes)
                 for p in settings.precisions)
     return cases * steps_per_case(settings)
 
 
-def bench_training(settings: Settings, device: torch.device, with_smp: bool, compile: bool,
-                   bar: tqdm | None = None) -> tuple[list, list]:
-    """Per precision, ours and the peer in separate processes (train.py's allocator setting is process-wide), timed
-    in alternating rounds so that both see the same machine load; the hardware references run in the peer's."""
-    train_rows, peak_rows = [], []
-    bar = no_bar() if bar is None else bar
-    context = multiprocessing.get_context("spawn")
-    for precision in settings.precisions:
-        workers = []
-        specs = train_specs(settings, precision, with_smp, compile, device.type)
-        for side in dict.fromkeys([spec.process for spec in specs] + ["peer"]):
-            conn, child = context.Pipe()
-            process = context.Process(target=phase_worker, args=(child, side, settings, precision, device.type, with_smp, compile))
-            process.start()
-            workers.append((process, conn))
-        bar.set_description(f"training {precision}: building {len(specs)} cases")
-        ask_worker(workers, "build", together=True)  # untimed: the processes build their models at the same time
-        bar.set_description(f"training {precision}: warm-up")
-        ask_worker(workers, "warmup", bar=bar)
-        for r in range(settings.rounds):
-            bar.set_description(f"training {precision}: round {r + 1}/{settings.rounds}")
-            ask_worker(workers, "round", bar=bar)
-        for rows in ask_worker(workers, "rows"):
-            train_rows += [r for r in rows if "peer" in r]
-            peak_rows += [r for r in rows if "kind" in r]
-        for process, _ in workers:
-            process.join()
-    return train_rows, peak_rows
-
-
-def ask_worker(workers: list, command: str, together: bool = False, bar: tqdm | None = None) -> list:
-    """Send a command to each worker in turn, waiting for its answer before the next one starts (or not: together);
-    the steps each one reports move the bar."""
-    replies = []
-    for _, conn in workers:
-        conn.send(command)
-        if not together:
-            replies.append(conn.recv())
-            if bar is not None and replies[-1][0] == "ok" and isinstance(replies[-1][1], int):
-                bar.update(replies[-1][1])
-    replies += [conn.recv() for _, conn in workers] if together else []
-    for status, answer in replies:
-        if status == "error":
-            raise RuntimeError(f"bench worker failed on {command!r}:\n{answer}")
-    return [answer for _, answer in replies]
-
-
-def phase_worker(conn, side: str, settings: Settings, precision: str, device_type: str, with_smp: bool, compile: bool):
-    """One side's training cases (ours: with train.py's allocator setting), timed on the parent's commands; answers
-    how many steps it ran."""
-    device, cases, rounds = torch.device(device_type), [], 0
-    try:
-        while (command := conn.recv()) != "rows":
-            ran = None
-            if command == "build":
-                cases = build_side(side, settings, precision, device, with_smp, compile)
-            elif command == "warmup":
-                ran = warm_up(cases, settings.warmup, device)
-            else:
-                ran = run_round(round_order(cases, rounds), max(1, settings.steps // settings.rounds), device)
-                rounds += 1
-            conn.send(("ok", ran))
-        conn.send(("ok", [c.row() for c in cases]))
-    except Exception:  # the parent raises it with the traceback
-        conn.send(("error", traceback.format_exc()))
-
-
-def build_side(side: str, settings: Settings, precision: str, device: torch.device, with_smp: bool, compile: bool) -> list[Case]:
-    """The cases of one bench process (ours after train.py's allocator setting); the peer's also times the hardware."""
+def build_cases(settings: Settings, precision: str, device: torch.device, with_smp: bool, compile: bool) -> list[Case]:
+    """Every training case of one precision, then the hardware references of that precision."""
     cache = {}
-    specs = [s for s in train_specs(settings, precision, with_smp, compile, device.type) if s.process == side]
-    cases = [build_train_case(s, device, accelerators(precision, device, s.compile, cache) if s.peer == "ours" else None, cache)
-             for s in specs]
-    return cases + (peak_cases(settings, precision, device) if side == "peer" else [])
+    cases = [build_train_case(s, device, accelerators(precision, device, s.compile, cache) if s.peer == "ours" else None,
+                              cache) for s in train_specs(settings, precision, with_smp, compile)]
+    return cases + peak_cases(settings, precision, device)
 
 
 def accelerators(precision: str, device: torch.device, compile: bool, cache: dict) -> Accelerator:
@@ -204,3 +130,21 @@ def accelerators(precision: str, device: torch.device, compile: bool, cache: dic
     if key not in cache:
         cache[key] = fresh_accelerator(precision, device, compile)
     return cache[key]
+
+
+def bench_training(settings: Settings, device: torch.device, with_smp: bool, compile: bool,
+                   bar: tqdm | None = None) -> tuple[list, list]:
+    """Per precision, ours, the peer and the hardware references in this process, timed in interleaved rounds so that
+    all see the same machine load: the training rows and the hardware rows."""
+    train_rows, peak_rows = [], []
+    bar = no_bar() if bar is None else bar
+    for precision in settings.precisions:
+        bar.set_description(f"training {precision}: building the cases")
+        cases = build_cases(settings, precision, device, with_smp, compile)
+        run_interleaved(cases, settings, device, bar, what=f"training {precision}")
+        rows = [c.row() for c in cases]
+        train_rows += [r for r in rows if "peer" in r]
+        peak_rows += [r for r in rows if "kind" in r]
+        del cases
+        gc.collect()  # this precision's models and optimizer states go before the next one's are built
+    return train_rows, peak_rows

@@ -1,8 +1,8 @@
 """What checkpoint checksums cost: a real checkpoint of the paper's model (ResNet50, both decoders, Adam state after
 a step) written by run_state.save_checkpoint, then its manifest's hashing and a full verification timed.
 
-    python -m tools.benchmarks.checkpoint                      # ResNet50, 3 repeats; about a minute on 2 CPU cores
-    python -m tools.benchmarks.checkpoint --encoder resnet18 --repeats 1 --out /tmp/ckpt
+    python -m benchmarks.checkpoint                      # ResNet50, 3 repeats; about a minute on 2 CPU cores
+    python -m benchmarks.checkpoint --encoder resnet18 --repeats 1 --out /tmp/ckpt
 
 The files are read from the page cache, as they are right after a save and, at a resume, after the first read: the
 load that follows verification reads the same bytes, so what verification adds to a resume is the hashing.
@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.timing import fresh_accelerator
 from models import ModelConfig, build_model
 from models.files import verify, write_manifest
 from run_state import TrainState, save_checkpoint
-from tools.benchmarks.timing import fresh_accelerator
 
 
 def checkpoint_of(encoder: str, out: Path) -> Path:

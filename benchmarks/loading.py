@@ -13,10 +13,10 @@ from data import PRESETS, prepare_root
 from data.pools import plan_stage
 from models import FocalLoss, ModelConfig, build_model
 from run_state import TrainState
-from tools.benchmarks.timing import Settings, fresh_accelerator, no_bar, sync
-from tools.benchmarks.training import STAGES, train_defaults
+from benchmarks.timing import Settings, fresh_accelerator, no_bar, sync
+from benchmarks.training import STAGES, train_defaults
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 VOC_MINI = Path(os.environ.get("VOC_MINI", REPO.parent / "shared" / "data" / "voc2012-mini"))
 
 

@@ -1,13 +1,11 @@
 """The run's report: the issue's targets and a second decoder's cost as ratios of numbers from the same run, what
 machine they came from, and the Markdown tables that paste into BENCHMARKS.md."""
-import os
-import platform
-from pathlib import Path
 from typing import Callable
 
 import torch
 
-from tools.benchmarks.training import DEFAULTS
+from benchmarks.training import DEFAULTS
+from run_state.machine import describe_machine, machine_line
 
 
 def pick(rows: list[dict], **want) -> dict | None:
@@ -77,14 +75,8 @@ def targets(report: dict) -> list[dict]:
 
 
 def machine_info(device: torch.device) -> dict:
-    """What the numbers came from."""
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "device": device.type, "cpu_bf16": torch.cpu._is_avx512_bf16_supported(),
-            "cpu_amx": torch.cpu._is_amx_tile_supported(), "load_average_start": os.getloadavg()}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
+    """What the numbers came from (run_state.machine.describe_machine) and the peer's version."""
+    info = describe_machine(device)
     try:
         import segmentation_models_pytorch as smp
 
@@ -110,10 +102,10 @@ def render(report: dict) -> str:
     """The run as Markdown tables."""
     mm = {r["precision"]: r["flops_per_s"] for r in report["peaks"] if r["kind"] == "mm"}
     m = report["machine"]
-    lines = [f"machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), device {m['device']}"
-             f"{', ' + m['gpu'] if 'gpu' in m else ''}; torch {m['torch']}; load average {m['load_average_start'][0]:.2f} "
-             f"at start, {m['load_average_end'][0]:.2f} at end; default precision of train.py here: {report['default_precision']}; "
-             f"command: {report['command']}; "
+    skipped = "".join(f"; {p} skipped: {why}" for p, why in report.get("skipped_precisions", {}).items())
+    lines = [f"machine: {machine_line(m)}, device {m['device']}; load average {m['load_average_start'][0]:.2f} "
+             f"at start, {m['load_average_end'][0]:.2f} at end; default precision of train.py here: "
+             f"{report['default_precision']}{skipped}; command: {report['command']}; "
              f"seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in report["seconds"].items()),
              "", "Training step (fixed batches; FLOP/s = 3x the network's forward FLOPs per second):", "",
              table(["case", "img/s", "ms/step", "GFLOP/img fwd", "GFLOP/s", "% of mm peak", "peak MiB"],

@@ -1,7 +1,6 @@
-"""INT8 export (tools/export.py --int8): ONNX Runtime static quantization of the exported seg model (model.onnx, whose
-BatchNorms the ONNX exporter folds into the convolutions), calibrated on training images, and what it costs and gains:
-file size, batch-1 latency on this CPU and mIoU, each fp32 vs int8.
-"""
+"""The INT8 export of a run (tools/export.py --int8): models/quantize.py's quantization of model.onnx, calibrated on
+training images of the run's dataset, then what it costs and gains against model.onnx, measured in one process: file
+size, batch-1 latency on this CPU, mIoU on the val split (evaluation/scoring.py) and how close the logits are."""
 import json
 import statistics
 import time
@@ -11,28 +10,13 @@ import torch
 from torch import Tensor
 
 from data import PRESETS, get_transform
-from models.deploy import (
-    INPUT_NAME, ONNX_INT8_NAME, ONNX_NAME, PARITY_SEED,
-)
+from evaluation.inference import onnx_predictor
+from evaluation.scoring import get_dataset, score
+from models.deploy import INPUT_NAME, ONNX_INT8_NAME, ONNX_NAME, PARITY_SEED, onnx_session
 from models.model import MultiDecoderModel
+from models.quantize import calibration_reader, quantize
 
-INT8_NAME = ONNX_INT8_NAME  # what evaluate.py and predict.py --backend onnx-int8 read
-INSTALL_HINT = "pip install onnxruntime (listed in requirements-dev.txt)"
-# entropy is left out: through quantize_static ORT fixes its histogram at 128 bins = 128 quantized bins, so the
-# threshold search has one candidate, the full range: the MinMax model, measured identical
-CALIBRATION_METHODS = ("minmax", "percentile")
-CALIB_CHUNK = 16  # calibration images whose activations are held at once
 LATENCY_WARMUP = 5
-
-
-def require_onnxruntime():
-    """onnxruntime and its quantization package, or an ImportError that says what to install."""
-    try:
-        import onnxruntime
-        import onnxruntime.quantization
-    except ImportError as exc:
-        raise ImportError(f"--int8 needs ONNX Runtime's quantization tools: {INSTALL_HINT}") from exc
-    return onnxruntime
 
 
 def find_dataset(source: Path, dataset: str | None, data_root: str | None) -> tuple[str, Path]:
@@ -64,70 +48,25 @@ def find_dataset(source: Path, dataset: str | None, data_root: str | None) -> tu
                             "pass --data-root")
 
 
-def open_split(dataset: str, root: Path, split: str):
-    """A split of the preset's dataset read with the validation transform (each image at its own size)."""
-    preset = PRESETS[dataset]
-    return preset.for_root(root).open(root, split, get_transform(False, 0, 0), check=False)
-
-
-def spread(total: int, n: int) -> list[int]:
-    """min(n, total) indices spread evenly over range(total): a calibration set drawn from the whole split."""
-    n = min(n, total)
-    return sorted({round(i * (total - 1) / max(n - 1, 1)) for i in range(n)})
-
-
-def chunk(n: int) -> int:
-    """The largest divisor of n up to CALIB_CHUNK: ONNX Runtime calibrates in chunks that divide the set exactly."""
-    return max(d for d in range(1, min(n, CALIB_CHUNK) + 1) if n % d == 0)
-
-
-def calibration_reader(split, n: int):
-    """An onnxruntime CalibrationDataReader of n images of the split, (1, 3, H, W) float32 one by one, read a chunk
-    at a time (set_range): calibration then holds one chunk's activations, not all n images' at once."""
-    from onnxruntime.quantization import CalibrationDataReader
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.indices = spread(len(split), n)
-            self.set_range(0, len(self.indices))
-
-        def __len__(self) -> int:
-            return len(self.indices)
-
-        def set_range(self, start_index: int, end_index: int) -> None:
-            self.pending = iter(self.indices[start_index:end_index])
-
-        def get_next(self) -> dict | None:
-            i = next(self.pending, None)
-            return None if i is None else {INPUT_NAME: split[i]["image"].as_subclass(Tensor)[None].numpy()}
-
-    return Reader()
-
-
-def quantize(src: Path, dst: Path, reader, method: str = "minmax") -> dict:
-    """Static QDQ quantization: uint8 activations (per tensor, asymmetric), int8 weights per output channel; the
-    settings, for the report. uint8 activations: on x86 ONNX Runtime's u8s8 kernels ran 2.2x faster than s8s8."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
-    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile}
-    # "CalibStridedMinMax" is ORT's name for chunked calibration; it serves every method (the calibrator's ranges or
-    # histograms merge across chunks). Not CalibMaxIntermediateOutputs: onnxruntime 1.32 drops those chunks unused.
-    quantize_static(str(src), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=methods[method],
-                    extra_options={"CalibStridedMinMax": chunk(len(reader))})
-    return {"format": "QDQ", "activations": "uint8, per tensor", "weights": "int8, per output channel",
-            "calibration_method": method, "quantized_ops": "all (every Conv, Add, Concat, Resize, MaxPool, ...)"}
+def calibrate(folder: Path, settings: dict) -> dict:
+    """Quantize folder/model.onnx (checked against the model by export) into folder/model_int8.onnx, calibrated on
+    the preset's training split read with the validation transform (each image at its own size); returns the
+    settings, for the report."""
+    preset = PRESETS[settings["dataset"]]
+    root = settings["data_root"]
+    train = preset.for_root(root).open(root, preset.train_split, get_transform(False, 0, 0), check=False)
+    n = min(settings["calibration_images"], len(train))
+    start = time.perf_counter()
+    quant = quantize(folder / ONNX_NAME, folder / ONNX_INT8_NAME, calibration_reader(train, n),
+                     settings["calibration_method"])
+    return {**quant, "calibration_split": preset.train_split, "calibration_images": n, "data_root": str(root),
+            "seconds": time.perf_counter() - start}
 
 
 def latency(paths: dict[str, Path], size: tuple[int, int], runs: int, threads: int) -> dict:
     """Batch-1 latency of each ONNX file on the CPU, in one process: sessions built alike, warmed up, then timed
-    in turns (one forward of each per round) so that load from elsewhere hits all alike; median and min in ms.
-    The thread pools do not spin between runs: the idle session's spinning threads would slow the busy one."""
-    ort = require_onnxruntime()
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    sessions = {k: ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"]) for k, p in paths.items()}
+    in turns (one forward of each per round) so that load from elsewhere hits all alike; median and min in ms."""
+    sessions = {k: onnx_session(p, "cpu", threads) for k, p in paths.items()}
     x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(PARITY_SEED)).numpy()
     times = {k: [] for k in sessions}
     for i in range(LATENCY_WARMUP + runs):
@@ -160,10 +99,8 @@ def agreement(fp32, int8, dataset) -> dict:
 
 
 def scores(runs: dict, dataset, num_classes: int) -> dict:
-    """mIoU, fg_mIoU and pixel accuracy of each Predictor on the dataset through tools/evaluate.py's score (its
-    metric code and prediction rule), and the drops from fp32 to int8."""
-    from tools.evaluate import score
-
+    """mIoU, fg_mIoU and pixel accuracy of each Predictor on the dataset, scored as tools/evaluate.py scores
+    (evaluation/scoring.py), and the drops from fp32 to int8."""
     metrics = {}
     for k, run in runs.items():
         m, _ = score(run, dataset, num_classes)
@@ -173,28 +110,12 @@ def scores(runs: dict, dataset, num_classes: int) -> dict:
     return metrics
 
 
-def calibrate(folder: Path, settings: dict) -> dict:
-    """Quantize folder/model.onnx (checked against the model by export) into folder/model_int8.onnx; returns the
-    settings, for the report."""
-    split = PRESETS[settings["dataset"]].train_split
-    train = open_split(settings["dataset"], settings["data_root"], split)
-    n = min(settings["calibration_images"], len(train))
-    start = time.perf_counter()
-    quant = quantize(folder / ONNX_NAME, folder / INT8_NAME, calibration_reader(train, n),
-                     settings["calibration_method"])
-    return {**quant, "calibration_split": split, "calibration_images": n, "data_root": str(settings["data_root"]),
-            "seconds": time.perf_counter() - start}
-
-
 def export_int8(model: MultiDecoderModel, folder: Path, settings: dict) -> dict:
     """Write folder/model_int8.onnx beside folder/model.onnx and return the export.json section on both. settings:
     dataset, data_root, calibration_images, calibration_method, eval_images,
     latency_size (None: the first eval image's), latency_runs, threads."""
-    from evaluation.inference import onnx_predictor
-    from tools.evaluate import get_dataset
-
     quant = calibrate(folder, settings)
-    paths = {"fp32": folder / ONNX_NAME, "int8": folder / INT8_NAME}
+    paths = {"fp32": folder / ONNX_NAME, "int8": folder / ONNX_INT8_NAME}
     split = PRESETS[settings["dataset"]].val_split
     dataset, _, notes = get_dataset(settings["data_root"], split, model.config, settings["eval_images"],
                                     dataset=settings["dataset"])
@@ -206,7 +127,8 @@ def export_int8(model: MultiDecoderModel, folder: Path, settings: dict) -> dict:
     speed["speedup"] = speed["fp32"]["median_ms"] / speed["int8"]["median_ms"]
     sizes = {k: p.stat().st_size for k, p in paths.items()}
     agree = agreement(runs["fp32"], runs["int8"], dataset)
-    return {"file": INT8_NAME, "quantization": quant, "size_bytes": {**sizes, "ratio": sizes["fp32"] / sizes["int8"]},
+    return {"file": ONNX_INT8_NAME, "quantization": quant,
+            "size_bytes": {**sizes, "ratio": sizes["fp32"] / sizes["int8"]},
             "latency": speed, "metrics": metrics, "agreement": agree}
 
 

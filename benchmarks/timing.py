@@ -1,6 +1,6 @@
-"""The bench's harness: its settings, a timed case, interleaved shuffled rounds, synthetic batches, the progress bar's
-no-op stand-in, and the hardware references (torch.mm and oneDNN's 3x3 convolution) timed next to the training
-cases."""
+"""The bench's harness, the one place where anything is timed: its settings, a timed case, interleaved shuffled
+rounds, synthetic batches, the progress bar's no-op stand-in, the hardware references (torch.mm and oneDNN's 3x3
+convolution) timed next to the training cases, and the estimate of a run's duration."""
 import random
 import statistics
 import time
@@ -14,19 +14,20 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from tqdm.auto import tqdm
 
+from run_state.machine import emulated_precisions
+
 NUM_CLASSES = 21
 ACCELERATE_PRECISION = {"fp32": "no", "bf16": "bf16"}
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Sizes and repetitions of one bench run (the defaults: `python tools/bench.py`, about 10 minutes or less on 2
-    CPU cores; FULL: --full)."""
+    """Sizes and repetitions of one bench run (the defaults: `python tools/bench.py`; FULL: --full)."""
 
     encoder: str = "resnet50"
     precisions: tuple[str, ...] = tuple(ACCELERATE_PRECISION)
     train_shapes: tuple[tuple[int, int], ...] = ((4, 256),)  # (batch, side)
-    ablations: bool = False  # also --no-fused-adam, --no-keep-freed-memory (CPU) and smp fp32 channels_last
+    ablations: bool = False  # also --no-fused-adam and smp fp32 channels_last
     infer_side: int = 512
     infer_batches: tuple[int, ...] = (1,)
     warmup: int = 2  # untimed steps per case
@@ -44,6 +45,23 @@ FULL = replace(DEFAULT, train_shapes=((4, 256), (2, 512)), ablations=True, infer
 QUICK = Settings(encoder="resnet18", train_shapes=((2, 64),), infer_side=64, infer_batches=(1, 2), warmup=1, steps=1,
                  rounds=1, infer_reps=1, mm_side=256, conv_shapes=((2, 32, 32),), loader_batches=3, e2e_steps=2)
 QUICK_FULL = replace(QUICK, ablations=True)
+
+
+def choose_settings(quick: bool = False, full: bool = False, **given) -> Settings:
+    """The run's sizes: QUICK / FULL / both / DEFAULT, then the fields given (None: keep)."""
+    settings = {(False, False): DEFAULT, (False, True): FULL, (True, False): QUICK, (True, True): QUICK_FULL}[(quick, full)]
+    return replace(settings, **{k: v for k, v in given.items() if v is not None})
+
+
+def native_only(settings: Settings, device: torch.device, allow_emulated: bool = False) -> tuple[Settings, dict[str, str]]:
+    """The settings without the precisions the device would only emulate (their timings mean nothing), and those
+    skipped with the reason; none left is an error that says so."""
+    skipped = {} if allow_emulated else emulated_precisions(device, settings.precisions)
+    kept = tuple(p for p in settings.precisions if p not in skipped)
+    if not kept:
+        raise SystemExit(f"nothing to run: {'; '.join(f'{p}: {why}' for p, why in skipped.items())} "
+                         "(--allow-emulated runs it anyway, for checking the bench, not for its numbers)")
+    return replace(settings, precisions=kept), skipped
 
 
 def steps_per_case(settings: Settings) -> int:
@@ -98,17 +116,21 @@ def make_batch(batch: int, side: int, device: torch.device, seed: int = 0) -> di
     return {"image": image.to(device), "label": label.to(device), "depth": depth.to(device)}
 
 
-def run_interleaved(cases: list[Case], settings: Settings, device: torch.device, bar: tqdm | None = None) -> None:
-    """Warm up every case, then time them in rounds so that a change in machine load hits all of them."""
+def run_interleaved(cases: list[Case], settings: Settings, device: torch.device, bar: tqdm | None = None,
+                    what: str = "") -> None:
+    """Warm up every case, then time them in rounds so that a change in machine load hits all of them; the bar says
+    `what` runs and which round."""
     bar = no_bar() if bar is None else bar
+    bar.set_description(f"{what}: warm-up")
     warm_up(cases, settings.warmup, device, bar)
     for r in range(settings.rounds):
+        bar.set_description(f"{what}: round {r + 1}/{settings.rounds}")
         run_round(round_order(cases, r), max(1, settings.steps // settings.rounds), device, bar)
 
 
 def round_order(cases: list[Case], r: int) -> list[Case]:
     """Round r's order: a permutation drawn with seed r, so that no case always runs first or always right after the
-    same other case (whose model has just filled the caches: a bias of up to 6% seen at batch 1)."""
+    same other case (whose model has just filled the caches: a bias seen at batch 1)."""
     return random.Random(r).sample(cases, len(cases))
 
 
