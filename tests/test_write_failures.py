@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_reliability import ENV, REPO, TINY, parse, snapshot, train_state
+from test_verified_checkpoints import reset_accelerate
 from write_faults import FAIL_ENV, install
 
 import train
@@ -113,10 +114,7 @@ def one_epoch(tiny_voc, tmp_path, fresh_accelerate):
     """A run folder after one epoch of schedule s (2 steps), to be continued by a run whose write fails."""
     out = tmp_path / "run"
     train.main(parse(tiny_voc, out, "--schedule", "s", "--stage-epochs", "1", "--max-steps-per-epoch", "2"))
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate()
     return out
 
 
