@@ -23,13 +23,12 @@ from data import PRESETS, DataError, TrainPool, collate, get_transform, prepare_
 from data.checks import check_data, skip_bad
 from data.pools import StagePlan, describe_images, images_record, plan_stage
 from data.sampler import SeededDataset, StreamSampler
-from data.visualize import log_images
 from evaluation.inference import predict_batch, torch_predictor
 from evaluation.metrics import SegEvaluator
 from models import FocalLoss, ModelConfig, build_model, depth_loss
 from models.weighting import WEIGHTINGS, build_weighting, for_stage, trainable_params
-from run_state import (CheckpointError, RunLog, TrainState, fault_point, find_resume, load_extra, read_checkpoint,
-                       refuse_overwrite)
+from run_state import (CheckpointError, RunLog, TrainState, WriteError, fault_point, find_resume, load_checkpoint,
+                       prepare_resume, read_checkpoint, refuse_overwrite, write_text)
 from run_state.loss_watch import LossWatch, NonFiniteLossError
 from run_state.prefixes import PrefixStore, keep_prefix, prefix_keys, start_from_prefix
 from schedules import SCHEDULES, copy_plan, get_schedule, lr_factor, schedule_tasks
@@ -196,9 +195,8 @@ def copy_weights(accelerator, model, src: str, dst: str, where: str, out: Path) 
     copied = accelerator.unwrap_model(model).copy_decoder(src, dst)
     accelerator.print(f"copy-weights before {where}: {len(copied)} tensors decoders.{src}.* -> decoders.{dst}.* "
                       f"(heads not copied); list in {out / 'copied_tensors.txt'}")
-    if accelerator.is_main_process:  # a resume into a new folder may not have made it yet
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "copied_tensors.txt").write_text("\n".join(copied) + "\n")
+    if accelerator.is_main_process:  # write_text makes the folder: a resume into a new one may not have it yet
+        write_text(out / "copied_tensors.txt", "\n".join(copied) + "\n")
 
 
 def run_data_checks(args, preset) -> dict:
@@ -264,7 +262,7 @@ def main(args):
     weighting = build_weighting(args.joint_weighting, tasks, args.dwa_temperature)  # None: the paper's fixed weights
     # saved with torch.save and loaded weights_only=True (Accelerate unpickles registered objects unrestricted)
     extra = {"weighting": weighting.to(accelerator.device)} if weighting is not None else {}
-    resume = find_resume(args.resume, out)
+    resume = prepare_resume(accelerator, args.resume, out)  # verified; a torn last log line dropped
     if resume is not None:  # where it stands first: rebuild that stage, then load_state into it
         state = read_checkpoint(resume, model, args.schedule)
     else:
@@ -286,8 +284,7 @@ def main(args):
         joint = for_stage(weighting, stage.tasks, accelerator)  # before load_state: a prepared one is in the checkpoint
         criterion = Criterion(focal, stage.weights(), joint)
         if resume is not None:
-            accelerator.load_state(str(resume))
-            load_extra(resume, extra)
+            load_checkpoint(accelerator, resume, extra)
             accelerator.print(f"resumed from {resume} at stage {state.stage}, epoch {state.epoch}, step {state.step}")
             resume = None
         while state.epoch < len(plan.rounds):
@@ -300,7 +297,7 @@ def main(args):
             metrics, shown = evaluate(model, val_dl, accelerator, preset.num_classes, tasks, preset.metric_options())
             run.open()  # an epoch trained and validated: the run starts writing into its folder
             if shown is not None:  # the first validation batch, for TensorBoard
-                log_images(accelerator, *shown, state.global_step, palette=preset.palette)
+                run.images(*shown, state.global_step, palette=preset.palette)
             run.log({f"val/{k}": v for k, v in metrics.items() if isinstance(v, float)}, step=state.global_step)
             accelerator.print(f"stage {state.stage} ({stage.name}) epoch {state.epoch}: "
                               + " ".join(f"{k}={v:.4f}" for k, v in {**losses, **metrics}.items() if isinstance(v, float)))
@@ -325,10 +322,10 @@ def main(args):
         accelerator.print(f"--skip-bad-samples: skipped {sum(skipped.values())} bad samples ("
                           + ", ".join(f"{k}: {v}" for k, v in skipped.items()) + f"); list in {out / 'skipped_samples.txt'}")
         if accelerator.is_main_process:
-            (out / "skipped_samples.txt").write_text("".join(f"{m}\n" for ds in datasets for m in ds.skipped))
+            write_text(out / "skipped_samples.txt", "".join(f"{m}\n" for ds in datasets for m in ds.skipped))
     if not metrics:
         accelerator.print(f"{out}: the run had already finished; nothing trained, metrics.json kept")
-    accelerator.end_training()
+    run.finish()
     return metrics
 
 
@@ -411,6 +408,6 @@ if __name__ == "__main__":
     cli_args = get_args_parser().parse_args()
     try:
         result = main(cli_args)
-    except (DataError, CheckpointError, NonFiniteLossError) as exc:  # the message says it all: no traceback
+    except (DataError, CheckpointError, NonFiniteLossError, WriteError) as exc:  # the message says it all: no traceback
         sys.exit(f"train.py: error: {exc}")
     sys.exit(1 if cli_args.check_data and result["errors"] else 0)

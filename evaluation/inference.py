@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from data.transforms import eval_image
+from models.files import check
 from models.io import CONFIG_NAME, load_model, resolve_checkpoint
 from models.deploy import ONNX_INT8_NAME, ONNX_NAME, onnx_session, run_onnx
 from models.model import ModelConfig
@@ -115,21 +116,26 @@ def onnx_file(model: str | Path, backend: str = "torch") -> Path | None:
 
 
 def load_config(model: str | Path, backend: str = "torch") -> ModelConfig:
-    """The config of what `load_predictor` would load: a checkpoint's, or for an ONNX file (seg only) the
-    config.json tools/export.py writes beside it."""
+    """The config of what `load_predictor` would load, verified against the folder's manifest: a checkpoint's, or
+    for an ONNX file (seg only) the config.json tools/export.py writes beside it."""
     if (path := onnx_file(model, backend)) is None:
-        return ModelConfig.load(resolve_checkpoint(model) / CONFIG_NAME)
+        folder = resolve_checkpoint(model)
+        check(folder, [CONFIG_NAME])
+        return ModelConfig.load(folder / CONFIG_NAME)
     if not (path.parent / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{path.parent / CONFIG_NAME}: missing; an ONNX model is read from the folder "
                                 "tools/export.py wrote (its config.json names the classes)")
+    check(path.parent, [CONFIG_NAME])
     return replace(ModelConfig.load(path.parent / CONFIG_NAME), tasks=("seg",))
 
 
 def load_predictor(model: str | Path, backend: str = "torch", device: str | torch.device = "cpu",
                    tasks: tuple[str, ...] | None = None) -> tuple[Predictor, ModelConfig]:
     """A checkpoint, run or exported folder (torch) or an exported ONNX file as a Predictor of `tasks` (default:
-    every decoder it has), with its config (see load_config)."""
+    every decoder it has), with its config (see load_config); every file verified against the folder's manifest."""
     if (path := onnx_file(model, backend)) is not None:
+        if path.is_file():  # else onnx_session says how to make one
+            check(path.parent, [path.name])  # before ONNX Runtime reads it
         return onnx_predictor(path, torch.device(device).type), load_config(model, backend)
     net = load_model(model)
     return torch_predictor(for_inference(net, device), tasks), net.config

@@ -1,16 +1,16 @@
-"""Model files: `model.safetensors` + `config.json` (the layout Accelerate's save_state uses), loaded and saved."""
+"""Model files: `model.safetensors` + `config.json` (the layout Accelerate's save_state uses) and the folder's
+manifest (models/files.py), saved, verified and loaded."""
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
+from models.files import CheckpointError, check, match_umask, write_manifest
 from models.model import ModelConfig, MultiDecoderModel
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit this run; the message names it, says why and what to do."""
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "CheckpointError", "check_shapes", "drop_decoders", "load_model",
+           "load_state_dict", "resolve_checkpoint", "save_model"]
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -47,8 +47,10 @@ def load_state_dict(model: MultiDecoderModel, state: dict, source: Path) -> None
 
 
 def load_model(path: str | Path, tasks: tuple[str, ...] | None = None) -> MultiDecoderModel:
-    """Rebuild the model from config.json and load its weights (safetensors: no pickle)."""
+    """Rebuild the model from config.json and load its weights (safetensors: no pickle), both verified against the
+    folder's manifest first."""
     folder = resolve_checkpoint(path)
+    check(folder, [WEIGHTS_NAME, CONFIG_NAME])
     config = ModelConfig.load(folder / CONFIG_NAME)
     model = MultiDecoderModel(config)
     load_state_dict(model, load_file(folder / WEIGHTS_NAME), folder / WEIGHTS_NAME)
@@ -67,8 +69,10 @@ def drop_decoders(model: MultiDecoderModel, tasks: tuple[str, ...]) -> MultiDeco
 
 
 def save_model(model: MultiDecoderModel, folder: str | Path) -> None:
-    """Write weights and config (contiguous tensors, as safetensors requires)."""
+    """Write weights and config (contiguous tensors, as safetensors requires), then the folder's manifest."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, folder / WEIGHTS_NAME)
+    match_umask(folder / WEIGHTS_NAME)
     model.config.save(folder / CONFIG_NAME)
+    write_manifest(folder)

@@ -16,7 +16,9 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
+from models.files import CheckpointError, verify, write_manifest
 from run_state.checkpoints import STATE_NAME, fsync_tree, is_complete
+from run_state.writes import write_text, writing
 
 CHECKPOINT_DIR = "checkpoint"
 INFO_NAME = "prefix.json"
@@ -60,32 +62,42 @@ class PrefixStore:
             os.close(fd)
 
     def put(self, key: str, checkpoint: Path, log_lines: list[str], info: dict) -> bool:
-        """Store a prefix (atomically: a temporary folder renamed into place); False when it is there already."""
+        """Store a prefix (atomically: a temporary folder renamed into place); False when it is there already. The
+        checkpoint is copied with its manifest: a prefix verifies like any checkpoint."""
         if self.has(key):
             return False
         tmp = self.folder / f".{key}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(checkpoint, tmp / CHECKPOINT_DIR)
-        (tmp / LOG_NAME).write_text("".join(line + "\n" for line in log_lines))
-        (tmp / INFO_NAME).write_text(json.dumps(info, indent=2))  # last: marks it complete
-        fsync_tree(tmp)
-        shutil.rmtree(self.entry(key), ignore_errors=True)  # an incomplete one left by a crash
-        os.replace(tmp, self.entry(key))
+        with writing(self.entry(key), cleanup=(tmp,)):
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(checkpoint, tmp / CHECKPOINT_DIR)
+            (tmp / LOG_NAME).write_text("".join(line + "\n" for line in log_lines))
+            (tmp / INFO_NAME).write_text(json.dumps(info, indent=2))  # last: marks it complete
+            fsync_tree(tmp)
+            shutil.rmtree(self.entry(key), ignore_errors=True)  # an incomplete one left by a crash
+            os.replace(tmp, self.entry(key))
         return True
 
     def take(self, key: str, out: Path, schedule: str) -> dict:
-        """Start the run folder `out` from a stored prefix: its checkpoint as checkpoints/last (the train state's
-        schedule set to this run's) and its log.jsonl lines; returns prefix.json."""
+        """Start the run folder `out` from a stored prefix, verified first: its checkpoint as checkpoints/last (the
+        train state's schedule set to this run's, the manifest written again) and its log.jsonl lines; returns
+        prefix.json."""
         entry = self.entry(key)
+        problems = verify(entry / CHECKPOINT_DIR)
+        if problems:
+            raise CheckpointError(f"--reuse-prefixes: the stored prefix {entry} fails verification: "
+                                  + "; ".join(problems) + f". Delete {entry} and run again (it will be trained anew).")
         last = Path(out) / "checkpoints" / "last"
         tmp = last.with_name(".last.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(entry / CHECKPOINT_DIR, tmp)
-        state = json.loads((tmp / STATE_NAME).read_text())
-        (tmp / STATE_NAME).write_text(json.dumps({**state, "schedule": schedule}))
-        fsync_tree(tmp)
-        os.replace(tmp, last)
-        (Path(out) / LOG_NAME).write_text((entry / LOG_NAME).read_text())
+        with writing(last, cleanup=(tmp,)):
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(entry / CHECKPOINT_DIR, tmp)
+            state = json.loads((tmp / STATE_NAME).read_text())
+            (tmp / STATE_NAME).write_text(json.dumps({**state, "schedule": schedule}))
+            if problems is not None:  # a prefix stored before checksums stays without a manifest
+                write_manifest(tmp)
+            fsync_tree(tmp)
+            os.replace(tmp, last)
+        write_text(Path(out) / LOG_NAME, (entry / LOG_NAME).read_text())
         return json.loads((entry / INFO_NAME).read_text())
 
 

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from torch.utils.flop_counter import FlopCounterMode
 
 from models import ModelConfig, build_model, load_model, save_model
+from models.files import verify
 from models.deploy import SegLogits, export_onnx, load_torchscript, onnx_session, run_onnx
 from tools import export
 
@@ -52,7 +53,8 @@ def backends(exported):
 def test_export_writes_a_seg_only_model_loadable_with_load_model(exported):
     model, out = exported
     files = {"model.safetensors", "config.json", "model.pt", "model.onnx", "export.json"}
-    assert {p.name for p in out.iterdir()} == files
+    assert {p.name for p in out.iterdir()} == files | {"manifest.json"}
+    assert set(json.loads((out / "manifest.json").read_text())["files"]) == files and verify(out) == []
     assert not (out.parent / ".out.tmp").exists()
     slim = load_model(out)
     assert slim.tasks == ("seg",)

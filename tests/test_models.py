@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from models import ModelConfig, build_model, load_model, save_model
+from models.files import write_manifest
 from models.io import drop_decoders
 from models.decoder import DecoderBlock, UnetDecoder
 from models.encoder import ENCODERS, ResNetEncoder
@@ -150,5 +151,8 @@ def test_save_and_load_roundtrip_and_mismatch_error(tmp_path, model):
     other = build_model(ModelConfig(encoder="resnet18", decoder_channels=R18.decoder_channels, num_classes=5))
     save_model(other, tmp_path / "o")
     (tmp_path / "o" / "config.json").write_text((tmp_path / "m" / "config.json").read_text())
+    with pytest.raises(ValueError, match=r"o/config\.json: .*manifest\.json"):  # changed after it was saved
+        load_model(tmp_path / "o")
+    write_manifest(tmp_path / "o")  # a folder that verifies, whose weights do not fit its config
     with pytest.raises(ValueError, match="another shape"):
         load_model(tmp_path / "o")

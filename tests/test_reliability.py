@@ -22,6 +22,7 @@ from data.checks import check_data
 from data.sampler import Stream
 from data.voc import DataError
 from models import ModelConfig, build_model
+from models.files import write_manifest
 from run_state import CheckpointError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -206,6 +207,7 @@ def test_checkpoint_with_weights_of_other_shapes_is_refused_clearly(tiny_voc, fi
     shutil.copytree(finished_run / "checkpoints" / "last", fake, ignore=shutil.ignore_patterns("*.bin", "*.safetensors"))
     weights = build_model(ModelConfig(encoder="resnet18", num_classes=5)).state_dict()
     save_file({k: v.contiguous() for k, v in weights.items()}, fake / "model.safetensors")
+    write_manifest(fake)  # a checkpoint that verifies, of another model
     with pytest.raises(CheckpointError, match=r"weights do not fit .* 2 of another shape e\.g\. \['heads\.seg\.bias', "
                                               r"'heads\.seg\.weight'\]"):
         train.main(parse(tiny_voc, tmp_path / "new", "--resume", str(fake), "--schedule", "b", "--stage-epochs", "2"))

@@ -26,7 +26,7 @@ from data import PRESETS  # noqa: E402
 from evaluation.inference import BACKENDS, load_config, load_predictor, onnx_file  # noqa: E402
 from evaluation.report import build_report, finite_or_none, markdown_table, save_worst, write_outputs  # noqa: E402
 from evaluation.scoring import collate_eval, evaluate, get_dataset  # noqa: E402
-from models.io import resolve_checkpoint  # noqa: E402
+from models.io import CheckpointError, resolve_checkpoint  # noqa: E402
 
 
 def main(args):
@@ -97,4 +97,7 @@ def get_args_parser():
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    try:
+        main(get_args_parser().parse_args())
+    except CheckpointError as exc:  # names the file and what is wrong with it: no traceback
+        sys.exit(f"evaluate.py: error: {exc}")

@@ -6,7 +6,8 @@
 
 Writes to --out: `model.safetensors` + `config.json` (loadable with models.load_model), `model.pt`
 (TorchScript) and `model.onnx` (input "image" (B, 3, H, W), output "logits" (B, num_classes, H, W), batch,
-height and width dynamic), and `export.json` (cost and parity numbers). Prints the parameters and
+height and width dynamic), `export.json` (cost and parity numbers) and `manifest.json` (each file's size and
+SHA-256, which evaluate.py and predict.py verify before loading). Prints the parameters and
 FLOPs of the full and the exported model, then checks that all three files give the seg logits of
 the checkpoint's model in PyTorch eager and fails, leaving --out unchanged, when they do not.
 
@@ -24,7 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data import PRESETS  # noqa: E402
-from models.io import load_model, resolve_checkpoint, save_model  # noqa: E402
+from models.files import MANIFEST_NAME, write_manifest  # noqa: E402
+from models.io import CheckpointError, load_model, resolve_checkpoint, save_model  # noqa: E402
 from models.deploy import (  # noqa: E402
     ONNX_INT8_NAME, ONNX_NAME, TORCHSCRIPT_NAME, SegLogits, check_parity, count_flops, count_params, export_onnx,
     export_torchscript, seg_only,
@@ -85,9 +87,10 @@ def print_parity(rows: list[dict]) -> None:
 
 
 def publish(tmp: Path, out: Path) -> None:
-    """Move the checked files into --out (replacing older exports of the same names)."""
+    """Move the checked files into --out (replacing older exports of the same names), the manifest last: until it
+    is in place a reader of --out finds files that do not match the manifest before it, never a silent mix."""
     out.mkdir(parents=True, exist_ok=True)
-    for path in tmp.iterdir():
+    for path in sorted(tmp.iterdir(), key=lambda p: p.name == MANIFEST_NAME):
         os.replace(path, out / path.name)
     tmp.rmdir()
 
@@ -136,6 +139,7 @@ def main(args: argparse.Namespace) -> None:
         report["int8"] = export_int8(slim, tmp, int8)
         print_int8(report["int8"])
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2))
+    write_manifest(tmp)  # every file's size and SHA-256: load_model, evaluate.py and predict.py verify them
     if failed:
         worst = max(failed, key=lambda r: r["rel_diff"] - r["tol"])
         raise RuntimeError(
@@ -145,7 +149,7 @@ def main(args: argparse.Namespace) -> None:
         )
     publish(tmp, out)
     print(f"exported to {out}: model.safetensors, config.json, {TORCHSCRIPT_NAME}, {ONNX_NAME}"
-          f"{', ' + ONNX_INT8_NAME if args.int8 else ''}, {REPORT_NAME}")
+          f"{', ' + ONNX_INT8_NAME if args.int8 else ''}, {REPORT_NAME}, {MANIFEST_NAME}")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -192,4 +196,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    try:
+        main(get_args_parser().parse_args())
+    except CheckpointError as exc:  # names the file and what is wrong with it: no traceback
+        sys.exit(f"export.py: error: {exc}")

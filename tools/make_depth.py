@@ -35,6 +35,7 @@ from data import PRESETS
 from data.visualize import PREVIEW_HEIGHT, colorize_depth, titled
 from data.voc import DataError, missing_depth, read_split, resolve_voc_root
 from models.depth_teacher import METRIC_EPS, load_model, native_kind, to_stored
+from models.files import umask
 
 DEPTH_DIR = "PseudoDepth"
 META_NAME = "meta.json"
@@ -57,6 +58,7 @@ def save_png_atomic(array: np.ndarray, path: Path) -> None:
     """Write a PNG through a temp file in the same folder, fsync, then rename over path."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=TMP_SUFFIX)
     try:
+        os.fchmod(fd, 0o666 & ~umask())  # mkstemp's 0600 would carry into place: the umask's mode, as open() gives
         with os.fdopen(fd, "wb") as f:
             Image.fromarray(array).save(f, format="PNG")
             f.flush()

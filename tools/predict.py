@@ -27,6 +27,7 @@ from tqdm import tqdm  # noqa: E402
 from data.visualize import OVERLAY_ALPHA, colorize_depth, overlay, to_palette_png  # noqa: E402
 from data.voc import DataError, read_rgb  # noqa: E402
 from evaluation.inference import BACKENDS, Predictor, load_predictor, predict_rgb  # noqa: E402
+from models.files import CheckpointError  # noqa: E402
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # what a folder given as --input contributes
 OVERLAY_QUALITY = 90  # JPEG quality of the overlays
@@ -144,4 +145,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    try:
+        main(get_args_parser().parse_args())
+    except CheckpointError as exc:  # names the file and what is wrong with it: no traceback
+        sys.exit(f"predict.py: error: {exc}")
