@@ -119,7 +119,7 @@ PRESETS = {
     # validated once at each stage's end; docs/results.md and the README say what each choice costs and buys
     "synthetic": Preset("datasets/synthetic", base_size=96, crop_size=64, batch_size=16, epochs=3, encoder_weights="none",
                         encoder="resnet18", lr=1e-3, lr_schedule="cosine", warmup=0.05,
-                        stage_steps=(("d", 60), ("s", 400), ("b", 160)), val_every=0),
+                        stage_steps=(("d", 60), ("s", 360), ("b", 140)), val_every=0),
     # torchvision reference sizes (base 520, crop 480); the paper gives no epochs, 30 per stage is our choice
     "voc": Preset("datasets/VOCdevkit/VOC2012", base_size=520, crop_size=480, batch_size=8, epochs=30, encoder_weights="imagenet"),
     # your own VOC-format folder: VOC's recipe; the classes (and their number) come from its classes.txt (for_root)
