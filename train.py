@@ -211,6 +211,13 @@ def run_data_checks(args, preset) -> dict:
     return {"errors": errors}
 
 
+def cpu_threads(requested: int | None) -> int:
+    """Threads per process on the CPU: --threads, else this machine's cores split among its processes.
+    (`accelerate launch` without --cpu sets OMP_NUM_THREADS=1 on a machine with no GPU: one core of many.)"""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return requested or max(1, len(os.sched_getaffinity(0)) // local)
+
+
 def main(args):
     preset = PRESETS[args.dataset]
     args = preset.fill(args)
@@ -228,6 +235,8 @@ def main(args):
         # a process stuck in a collective because another one died gives up after this long
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.dist_timeout))],
     )
+    if accelerator.device.type == "cpu":
+        torch.set_num_threads(cpu_threads(args.threads))
     set_seed(args.seed, device_specific=True)
     out = Path(args.output_dir)
     stages = get_schedule(args.schedule, args.stage_epochs, preset.epochs, args.loss_weights, args.stage_steps,
@@ -254,7 +263,8 @@ def main(args):
     images = images_record(args.train_split, args.depth_only, args.depth_only_val, pool, val_set, depth_only, plans)
     accelerator.print(describe_images(images) + "\n" + "\n".join(p.describe(i, pool) for i, p in enumerate(plans)))
     run_config = {**vars(args), "data_root": str(root), "stages": [asdict(s) for s in stages], "model": asdict(config),
-                  "world_size": accelerator.num_processes, "images": images}
+                  "world_size": accelerator.num_processes, "images": images,
+                  "cpu_threads": torch.get_num_threads() if accelerator.device.type == "cpu" else None}
     store = PrefixStore(args.reuse_prefixes) if args.reuse_prefixes else None
     keys = prefix_keys(vars(args), plans, pool.ids(), asdict(config), copies, accelerator.num_processes)
 
@@ -384,6 +394,9 @@ def get_args_parser():
     p.add_argument("--fused-adam", action=argparse.BooleanOptionalAction, default=True, help="fused Adam kernel")
     p.add_argument("--mixed-precision", default=None, choices=["no", "fp16", "bf16"], help="default: accelerate launch's setting")
     p.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU training: threads per process (default: the cores split among this machine's processes; "
+                        "OMP_NUM_THREADS is not read: accelerate launch sets it to 1 on a machine with no GPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model when prepared (slower on CPU: BENCHMARKS.md)")
     p.add_argument("--workers", type=int, default=2, help="data loading workers per process")
     p.add_argument("--seed", type=int, default=0, help="seed for weights, data order and augmentation")

@@ -100,6 +100,7 @@ def is_finished(folder: Path) -> bool:
 def run_cell(cmd: list[str], folder: Path, keep_checkpoints: bool, threads: int | None = None) -> bool:
     """Run one cell in a fresh process (clean Accelerate state), output to its train.log; True on success."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
+    cmd = [*cmd, "--threads", str(threads)] if threads else cmd  # train.py's own count on the CPU (not the env's)
     folder.mkdir(parents=True, exist_ok=True)
     tic = time.perf_counter()
     with open(folder / "train.log", "a") as log:

@@ -1,6 +1,7 @@
 """End to end: every schedule trains on the synthetic set; stage mechanics; two real CPU ranks."""
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -66,12 +67,28 @@ def test_the_presets_stage_steps_and_decoder_widths_reach_the_run(tiny_voc, tmp_
     monkeypatch.setitem(PRESETS, "synthetic", quick)
     out = tmp_path / "run"
     argv = TINY[:TINY.index("--stage-epochs")] + TINY[TINY.index("--workers"):]  # no length flags
-    train.main(quick.fill(train.get_args_parser().parse_args(
-        ["--data-root", str(tiny_voc), "--output-dir", str(out), *argv, "--schedule", "d_s_b",
-         "--decoder-channels", "32,16,16,8,8"])))
+    threads = torch.get_num_threads()
+    try:
+        train.main(quick.fill(train.get_args_parser().parse_args(
+            ["--data-root", str(tiny_voc), "--output-dir", str(out), *argv, "--schedule", "d_s_b",
+             "--decoder-channels", "32,16,16,8,8"])))
+    finally:
+        torch.set_num_threads(threads)
     lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [(line["stage_name"], line["steps"]) for line in lines] == [("d", 3), ("s", 2), ("b", 1)]
     assert load_model(out / "checkpoints" / "last").config.decoder_channels == (32, 16, 16, 8, 8)
+    # no --threads: every core of this machine, whatever OMP_NUM_THREADS says (accelerate launch sets it to 1)
+    assert json.loads((out / "run_config.json").read_text())["cpu_threads"] == len(os.sched_getaffinity(0))
+
+
+def test_cpu_threads_split_the_cores_among_this_machines_processes(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert train.cpu_threads(None) == 8 and train.cpu_threads(3) == 3
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun's (accelerate launch --num_processes 2)
+    assert train.cpu_threads(None) == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+    assert train.cpu_threads(None) == 1
 
 
 def test_decoder_outside_a_stage_is_bit_identical_and_gets_no_gradient(tiny_voc, tmp_path, fresh_accelerate):
