@@ -215,7 +215,8 @@ def cpu_threads(requested: int | None) -> int:
     """Threads per process on the CPU: --threads, else this machine's cores split among its processes.
     (`accelerate launch` without --cpu sets OMP_NUM_THREADS=1 on a machine with no GPU: one core of many.)"""
     local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    return requested or max(1, len(os.sched_getaffinity(0)) // local)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # macOS: no affinity
+    return requested or max(1, cores // local)
 
 
 def main(args):
@@ -400,7 +401,7 @@ def get_args_parser():
     p.add_argument("--compile", action="store_true", help="torch.compile the model when prepared (slower on CPU: BENCHMARKS.md)")
     p.add_argument("--workers", type=int, default=2, help="data loading workers per process")
     p.add_argument("--seed", type=int, default=0, help="seed for weights, data order and augmentation")
-    p.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap on steps per epoch (quick runs)")
+    p.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap on steps per epoch of a stage given in epochs (quick runs)")
     p.add_argument("--log-every", type=int, default=10, help="log (and check the loss is finite) every N steps")
     p.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (0: epoch ends only)")
     p.add_argument("--output-dir", default="runs/latest", help="run folder: TensorBoard, log.jsonl, metrics.json, checkpoints")
