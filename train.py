@@ -26,6 +26,7 @@ from data.sampler import SeededDataset, StreamSampler
 from evaluation.inference import predict_batch, torch_predictor
 from evaluation.metrics import SegEvaluator
 from models import FocalLoss, ModelConfig, build_model, depth_loss
+from models.encoder import ENCODERS
 from models.weighting import WEIGHTINGS, build_weighting, for_stage, trainable_params
 from run_state import (CheckpointError, RunLog, TrainState, WriteError, fault_point, find_resume, load_checkpoint,
                        prepare_resume, read_checkpoint, refuse_overwrite, write_text)
@@ -369,11 +370,14 @@ def get_args_parser():
                    help="let val images be depth-only images too (default: they are left out)")
     p.add_argument("--depth-only-fraction", type=float, default=0.5,
                    help="share of each b-stage batch drawn from the depth-only images (at least one image of each kind)")
-    p.add_argument("--encoder", default=None, choices=["resnet18", "resnet34", "resnet50", "resnet101"],
-                   help="ResNet encoder (default: the preset's; voc: resnet50 as in the paper, synthetic: resnet18)")
+    p.add_argument("--encoder", default=None, choices=list(ENCODERS),
+                   help="torchvision encoder (default: the preset's; voc: resnet50 as in the paper, synthetic: "
+                        "resnet18); README 'Choosing an encoder for your device' compares them")
     p.add_argument("--encoder-weights", default=None, help="imagenet | none | PATH (default: the preset's)")
     p.add_argument("--decoder-channels", type=lambda t: tuple(parse_int_list(t)), default=None,
-                   help="the UNet decoders' widths, deepest block first (default: the preset's; smp's 256,128,64,32,16)")
+                   help="the UNet decoders' widths, deepest block first, one block each (default: the encoder's: smp's "
+                        "256,128,64,32,16 for the ResNets; 96,48,24,16 for the edge encoders: four blocks end at "
+                        "stride 2 and the logits are upsampled bilinearly)")
     p.add_argument("--batch-size", type=int, default=None, help="images per process per step (default: the preset's)")
     p.add_argument("--val-batch-size", type=int, default=4, help="validation images per process per step")
     p.add_argument("--crop-size", type=int, default=None, help="training crop (default: the preset's)")

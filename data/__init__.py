@@ -36,7 +36,7 @@ class Preset:
     # stage lengths in steps by stage name ((name, steps) pairs), instead of `epochs`; None: epochs
     stage_steps: tuple[tuple[str, int], ...] | None = None
     val_every: int | None = None  # steps between validations in a stage given in steps (0: once, at its end)
-    decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)  # smp's Unet default
+    decoder_channels: tuple[int, ...] | None = None  # None: the encoder's (models.encoder.default_decoder_channels)
     num_classes: int = 21
     train_split: str = "train"
     val_split: str = "val"

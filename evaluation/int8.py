@@ -147,3 +147,10 @@ def print_int8(report: dict) -> None:
     print(f"int8 vs fp32: {report['size_bytes']['ratio']:.2f}x smaller, {lat['speedup']:.2f}x faster, mIoU drop "
           f"{m['mIoU_drop']:+.4f}, fg_mIoU drop {m['fg_mIoU_drop']:+.4f}; argmax agrees on "
           f"{100 * a['argmax_agreement']:.2f}% of pixels, max |diff| {a['max_abs_diff_rel']:.3f} of the logit scale")
+    if q.get("kept_in_float"):
+        print(f"kept in float (ONNX Runtime's quantizer has no int8 form for them): {describe_float(q['kept_in_float'])}")
+
+
+def describe_float(kept: dict[str, int]) -> str:
+    """'HardSigmoid x8, HardSwish x19' from models.quantize.kept_in_float's counts; 'none' when empty."""
+    return ", ".join(f"{op} x{n}" for op, n in kept.items()) or "none"

@@ -29,17 +29,19 @@ class DecoderBlock(nn.Module):
 
 
 class UnetDecoder(nn.Module):
-    """Five decoder blocks from stride 32 back to stride 1; channels derived from the encoder."""
+    """One decoder block per entry of decoder_channels, from stride 32 back up; channels derived from the encoder.
+    Five blocks (smp's Unet) end at full resolution, the last one without a skip; four end at stride 2 (the model
+    then upsamples the head's output bilinearly, as LRASPP and DeepLab upsample theirs), and so on."""
 
     def __init__(self, encoder_channels: tuple[int, ...], decoder_channels: tuple[int, ...]):
         super().__init__()
-        if len(decoder_channels) != len(encoder_channels):
+        if not 1 <= len(decoder_channels) <= len(encoder_channels):
             raise ValueError(
                 f"decoder_channels has {len(decoder_channels)} entries, the encoder gives "
-                f"{len(encoder_channels)} feature maps; they must match"
+                f"{len(encoder_channels)} feature maps; give 1 to {len(encoder_channels)} (one block each)"
             )
-        # deepest feature first; the last block has no skip (it returns to full resolution)
-        skips = list(reversed(encoder_channels[:-1])) + [0]
+        # deepest feature first; a fifth block has no skip (it returns to full resolution)
+        skips = (list(reversed(encoder_channels[:-1])) + [0])[:len(decoder_channels)]
         ins = [encoder_channels[-1]] + list(decoder_channels[:-1])
         self.blocks = nn.ModuleList(DecoderBlock(*c) for c in zip(ins, skips, decoder_channels))
         self.out_channels = decoder_channels[-1]
@@ -49,4 +51,4 @@ class UnetDecoder(nn.Module):
         skips = list(reversed(features[:-1])) + [None]
         for block, skip in zip(self.blocks, skips):
             x = block(x, skip, skip.shape[-2:] if skip is not None else size)
-        return x  # (B, decoder_channels[-1], H, W)
+        return x  # (B, decoder_channels[-1], H, W), or the last skip's size with fewer than five blocks

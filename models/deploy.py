@@ -1,5 +1,6 @@
 """Deployment: the seg-only model, its cost, TorchScript and ONNX export and ONNX Runtime sessions, parity checks.
 Predicting images with any of them: evaluation/inference.py."""
+import argparse
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -159,3 +160,22 @@ def check_parity(reference: MultiDecoderModel, folder: Path, shapes: list[tuple[
     return parity_rows(reference, {"pytorch": (lambda x: eager(x)["seg"], tols["pytorch"]),
                                    "torchscript": (scripted, tols["torchscript"]),
                                    "onnxruntime": (lambda x: run_onnx(session, x), tols["onnxruntime"])}, shapes)
+
+
+# command-line types of the deployment tools (tools/export.py, tools/encoder_table.py)
+def parse_size(text: str) -> tuple[int, int]:
+    """`512` -> (512, 512); `480x640` -> (480, 640) as height x width."""
+    try:
+        parts = [int(p) for p in text.lower().split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (1, 2) or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"size {text!r}: expected S or HxW with positive integers")
+    return (parts[0], parts[-1])
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive integer")
+    return int(text)

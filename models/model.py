@@ -1,13 +1,14 @@
 """Shared encoder + one UNet decoder and head per task; forward runs only the tasks asked for."""
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from data.voc import VOC_CLASSES, voc_colour
 from models.decoder import UnetDecoder
-from models.encoder import ResNetEncoder
+from models.encoder import build_encoder, default_decoder_channels
 
 TASK_CHANNELS = {"seg": None, "depth": 1}  # seg channels come from num_classes
 
@@ -19,7 +20,7 @@ class ModelConfig:
     encoder: str = "resnet50"
     tasks: tuple[str, ...] = ("seg", "depth")
     num_classes: int = 21
-    decoder_channels: tuple[int, ...] = field(default=(256, 128, 64, 32, 16))
+    decoder_channels: tuple[int, ...] | None = None  # None: the encoder's default (models.encoder.ENCODERS)
     # the label set a checkpoint or export carries, one entry per class; None = VOC's (names(), colours())
     class_names: tuple[str, ...] | None = None
     palette: tuple[tuple[int, int, int], ...] | None = None  # RGB 0..255
@@ -30,7 +31,8 @@ class ModelConfig:
             raise ValueError(f"tasks must be a non-empty subset of {sorted(TASK_CHANNELS)}, got {self.tasks}")
         # json round-trips tuples as lists; keep the dataclass hashable and comparable
         object.__setattr__(self, "tasks", tuple(self.tasks))
-        object.__setattr__(self, "decoder_channels", tuple(self.decoder_channels))
+        widths = default_decoder_channels(self.encoder) if self.decoder_channels is None else self.decoder_channels
+        object.__setattr__(self, "decoder_channels", tuple(widths))
         if self.class_names is not None:
             object.__setattr__(self, "class_names", tuple(str(n) for n in self.class_names))
         if self.palette is not None:
@@ -83,7 +85,7 @@ class MultiDecoderModel(nn.Module):
     def __init__(self, config: ModelConfig, encoder_weights: str = "none"):
         super().__init__()
         self.config = config
-        self.encoder = ResNetEncoder(config.encoder, encoder_weights)
+        self.encoder = build_encoder(config.encoder, encoder_weights)
         self.decoders = nn.ModuleDict(
             {t: UnetDecoder(self.encoder.out_channels, config.decoder_channels) for t in config.tasks}
         )
@@ -91,6 +93,7 @@ class MultiDecoderModel(nn.Module):
         self.heads = nn.ModuleDict(
             {t: nn.Conv2d(config.decoder_channels[-1], out[t], 3, padding=1) for t in config.tasks}
         )
+        self.upsample_logits = len(config.decoder_channels) < len(self.encoder.out_channels)
         self.frozen: set[str] = set()  # module names kept in eval mode with no gradient
 
     @property
@@ -100,7 +103,10 @@ class MultiDecoderModel(nn.Module):
     def forward(self, x: Tensor, tasks: tuple[str, ...] | None = None) -> dict[str, Tensor]:
         features = self.encoder(x)
         size = x.shape[-2:]
-        return {t: self.heads[t](self.decoders[t](features, size)) for t in (tasks or self.tasks)}
+        out = {t: self.heads[t](self.decoders[t](features, size)) for t in (tasks or self.tasks)}
+        if self.upsample_logits:  # fewer than five decoder blocks: the heads ran below full resolution
+            out = {t: F.interpolate(y, size=size, mode="bilinear", align_corners=False) for t, y in out.items()}
+        return out
 
     def set_trainable(self, tasks: tuple[str, ...], encoder: bool = True) -> None:
         """Train only the given tasks' decoders and heads (and the encoder if asked); freeze the rest."""

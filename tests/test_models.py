@@ -105,8 +105,27 @@ def test_decoder_block_is_smps_block(low, skip_size):
 
 
 def test_decoder_channel_mismatch_raises():
-    with pytest.raises(ValueError, match="must match"):
-        UnetDecoder((64, 64, 128, 256, 512), (32, 16))
+    with pytest.raises(ValueError, match="give 1 to 5"):
+        UnetDecoder((64, 64, 128, 256, 512), (64, 32, 16, 16, 8, 8))
+    with pytest.raises(ValueError, match="give 1 to 5"):
+        UnetDecoder((64, 64, 128, 256, 512), ())
+
+
+@pytest.mark.parametrize("size", [(64, 64), (67, 93)])
+def test_four_decoder_blocks_end_at_stride_2_and_the_logits_are_upsampled_bilinearly(size):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(encoder="resnet18", decoder_channels=(32, 16, 16, 8))).eval()
+    x = torch.randn(1, 3, *size)
+    with torch.no_grad():
+        features = model.encoder(x)
+        low = model.decoders["seg"](features, size)
+        out = model(x)
+    assert low.shape[-2:] == features[0].shape[-2:]  # stride 2, the last skip's size
+    expected = torch.nn.functional.interpolate(model.heads["seg"](low), size=size, mode="bilinear",
+                                               align_corners=False)
+    assert out["seg"].shape == (1, 21, *size) and out["depth"].shape == (1, 1, *size)
+    assert torch.equal(out["seg"], expected)
+    assert not build_model(R18).upsample_logits  # five blocks: the heads run at full resolution
 
 
 def test_single_decoder_model_is_the_multi_decoder_model_without_depth():
@@ -121,7 +140,7 @@ def test_single_decoder_model_is_the_multi_decoder_model_without_depth():
 
 def test_encoder_weights_from_a_local_file(tmp_path):
     torch.manual_seed(3)
-    ref = ENCODERS["resnet18"][0](weights=None)
+    ref = ENCODERS["resnet18"].builder(weights=None)
     torch.save(ref.state_dict(), tmp_path / "r18.pth")
     enc = ResNetEncoder("resnet18", str(tmp_path / "r18.pth"))
     assert torch.equal(enc.layer4[1].conv2.weight, ref.layer4[1].conv2.weight)
@@ -132,7 +151,7 @@ def test_encoder_weights_from_a_local_file(tmp_path):
 
 
 def test_imagenet_weights_offline_error_says_how_to_supply_them(monkeypatch):
-    enum = ENCODERS["resnet50"][1]
+    enum = ENCODERS["resnet50"].weights
 
     def offline(*a, **k):
         raise OSError("network unreachable")

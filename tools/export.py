@@ -29,31 +29,13 @@ from models.files import MANIFEST_NAME, write_manifest  # noqa: E402
 from models.io import CheckpointError, load_model, resolve_checkpoint, save_model  # noqa: E402
 from models.deploy import (  # noqa: E402
     ONNX_INT8_NAME, ONNX_NAME, TORCHSCRIPT_NAME, SegLogits, check_parity, count_flops, count_params, export_onnx,
-    export_torchscript, seg_only,
+    export_torchscript, parse_size, positive_int, seg_only,
 )
 from evaluation.int8 import export_int8, find_dataset, print_int8  # noqa: E402
 from models.quantize import CALIBRATION_METHODS, require_onnxruntime  # noqa: E402
 
 IN_CHANNELS = 3
 REPORT_NAME = "export.json"
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """`512` -> (512, 512); `480x640` -> (480, 640) as height x width."""
-    try:
-        parts = [int(p) for p in text.lower().split("x")]
-    except ValueError:
-        parts = []
-    if len(parts) not in (1, 2) or min(parts) < 1:
-        raise argparse.ArgumentTypeError(f"size {text!r}: expected S or HxW with positive integers")
-    return (parts[0], parts[-1])
-
-
-def positive_int(text: str) -> int:
-    """An integer >= 1."""
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive integer")
-    return int(text)
 
 
 def parse_sizes(text: str) -> list[tuple[int, int]]:
