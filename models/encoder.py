@@ -22,6 +22,9 @@ class EncoderSpec:
     weights: tvm.WeightsEnum
     decoder_channels: tuple[int, ...]
     classifier: str  # the state-dict prefix of the ImageNet classifier, never used here
+    # tools/export.py's default ONNX parity tolerance (max abs diff / max |logit|): EfficientNet's 16 SiLU + squeeze-
+    # excitation blocks drift further in ONNX Runtime's fp32 kernels (5.2e-4 at 512 px, trained efficientnet_b0)
+    onnx_tol: float = 1e-4
 
 
 ENCODERS = {
@@ -34,9 +37,9 @@ ENCODERS = {
     "mobilenet_v3_large": EncoderSpec(tvm.mobilenet_v3_large, tvm.MobileNet_V3_Large_Weights.IMAGENET1K_V2,
                                       EDGE_DECODER, "classifier."),
     "efficientnet_b0": EncoderSpec(tvm.efficientnet_b0, tvm.EfficientNet_B0_Weights.IMAGENET1K_V1, EDGE_DECODER,
-                                   "classifier."),
+                                   "classifier.", onnx_tol=1e-3),
     "efficientnet_b2": EncoderSpec(tvm.efficientnet_b2, tvm.EfficientNet_B2_Weights.IMAGENET1K_V1, EDGE_DECODER,
-                                   "classifier."),
+                                   "classifier.", onnx_tol=1e-3),
     "regnet_y_400mf": EncoderSpec(tvm.regnet_y_400mf, tvm.RegNet_Y_400MF_Weights.IMAGENET1K_V2, EDGE_DECODER, "fc."),
     "regnet_y_800mf": EncoderSpec(tvm.regnet_y_800mf, tvm.RegNet_Y_800MF_Weights.IMAGENET1K_V2, EDGE_DECODER, "fc."),
 }

@@ -272,6 +272,8 @@ def test_onnx_gives_the_pytorch_logits_at_an_odd_size(name, exports):
     assert report["onnx_exporter"] == EXPORTER[name]
     rows = {r["backend"]: r for r in report["parity"]}
     assert set(rows) == {"pytorch", "torchscript", "onnxruntime"} and all(r["ok"] for r in rows.values())
+    # no --onnx-tol: the encoder's own default (EfficientNet's SiLU + SE blocks drift further in fp32 ONNX Runtime)
+    assert rows["onnxruntime"]["tol"] == (1e-3 if name.startswith("efficientnet") else 1e-4)
     assert all(r["shape"] == [1, 21, *ODD] for r in rows.values())
     # the stats reached the export: a default BatchNorm (mean 0, var 1) would make the check trivial
     assert any(k.endswith("running_var") and not torch.equal(v, torch.ones_like(v))
