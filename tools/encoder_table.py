@@ -17,6 +17,7 @@ Writes a markdown table to stdout (and --markdown), every number to --json.
 """
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -63,7 +64,7 @@ def seg_model(name: str, decoder_channels: tuple[int, ...] | None) -> nn.Module:
 def machine() -> dict:
     """The CPU as lscpu names it (model and the flags that matter to ONNX Runtime's kernels), cores, versions."""
     import onnxruntime
-    info = {"cpu": platform.processor() or platform.machine(), "flags": [], "cores": torch.get_num_threads()}
+    info = {"cpu": platform.processor() or platform.machine(), "flags": [], "cores": os.cpu_count()}
     try:
         text = Path("/proc/cpuinfo").read_text()
         fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
