@@ -8,17 +8,18 @@ from pathlib import Path
 import torch
 
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")  # the ones that decide CPU fp32/bf16 speed
+INT8_CPU_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # and int8 speed (ONNX Runtime's quantized kernels)
 # ONEDNN_MAX_CPU_ISA values that leave out oneDNN's bf16 instructions: bf16 then runs emulated, however new the CPU
 ISAS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
 
 
-def cpu_info() -> tuple[str, list[str]]:
-    """(model name, the CPU_FLAGS it has) from /proc/cpuinfo; (platform.processor(), []) elsewhere."""
+def cpu_info(wanted: tuple[str, ...] = CPU_FLAGS) -> tuple[str, list[str]]:
+    """(model name, the flags of `wanted` it has) from /proc/cpuinfo; (platform.processor(), []) elsewhere."""
     path = Path("/proc/cpuinfo")
     lines = path.read_text().splitlines() if path.is_file() else []
     field = lambda key: next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith(key)), "")  # noqa: E731
     flags = set(field("flags").split())
-    return field("model name") or platform.processor() or platform.machine(), [f for f in CPU_FLAGS if f in flags]
+    return field("model name") or platform.processor() or platform.machine(), [f for f in wanted if f in flags]
 
 
 def cpu_bf16_native() -> bool:

@@ -35,6 +35,7 @@ from models.deploy import SegLogits, count_params, export_onnx, forward_flops, p
 from models.encoder import ENCODERS  # noqa: E402
 from models.io import CONFIG_NAME  # noqa: E402
 from models.quantize import calibration_reader, quantize, require_onnxruntime  # noqa: E402
+from run_state.machine import CPU_FLAGS, INT8_CPU_FLAGS, cpu_info  # noqa: E402
 
 ANCHOR = "lraspp_mobilenet_v3_large"
 NUM_CLASSES = 21
@@ -62,20 +63,12 @@ def seg_model(name: str, decoder_channels: tuple[int, ...] | None) -> nn.Module:
 
 
 def machine() -> dict:
-    """The CPU as lscpu names it (model and the flags that matter to ONNX Runtime's kernels), cores, versions."""
+    """The CPU as lscpu names it (model and the flags that matter to ONNX Runtime's fp32 and int8 kernels), cores,
+    versions."""
     import onnxruntime
-    info = {"cpu": platform.processor() or platform.machine(), "flags": [], "cores": os.cpu_count()}
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-        fields = {k.strip(): v.strip() for k, v in fields.items()}
-        info["cpu"] = fields.get("model name", info["cpu"])
-        wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
-        info["flags"] = [f for f in wanted if f in fields.get("flags", "").split()]
-    except OSError:  # not Linux: the platform's name is all there is
-        pass
-    info.update(torch=torch.__version__, onnxruntime=onnxruntime.__version__, python=platform.python_version())
-    return info
+    cpu, flags = cpu_info(CPU_FLAGS + INT8_CPU_FLAGS)
+    return {"cpu": cpu, "flags": flags, "cores": os.cpu_count(), "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
 
 
 def build_row(name: str, folder: Path, size: tuple[int, int], decoder_channels, calibration: int) -> tuple[dict, dict]:
